@@ -1,0 +1,1 @@
+"""OScaR KV-cache quantization for SGLang."""

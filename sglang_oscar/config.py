@@ -1,0 +1,98 @@
+"""The one quantization config of a server: method x bits x page size (+ prefill precision).
+
+It is global for a server (design invariant 3): every page in the radix tree was written under it.
+The launcher passes it to SGLang's scheduler processes through one environment variable.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import os
+
+ENV = "SGLANG_OSCAR_CONFIG"
+METHODS = ("bf16", "kivi", "quarot", "oscar")
+K_GROUP = 32  # tokens per K quantization group (per channel)
+V_GROUP = 32  # channels per V quantization group (per token)
+FORMAT_VERSION = 1  # bump when the packed layout (layout.py) changes
+
+
+@dataclasses.dataclass(frozen=True)
+class OscarConfig:
+    method: str = "oscar"
+    bits: int = 2
+    page_size: int = 64
+    # "page": every query sees earlier pages through their packed form and its own page in bf16, in
+    # prefill exactly as in decode (output independent of cache state). "chunk": a prefill chunk's
+    # tokens see each other in bf16 and only the cached prefix through its packed form (OScaR's choice).
+    prefill: str = "page"
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"--oscar-method must be one of {METHODS}, got {self.method!r}")
+        if self.bits not in (2, 4):
+            raise ValueError(f"--oscar-bits must be 2 or 4, got {self.bits}")
+        if self.page_size <= 0 or self.page_size % K_GROUP:
+            raise ValueError(f"--oscar-page-size must be a positive multiple of the {K_GROUP}-token K group, "
+                             f"got {self.page_size}")
+        if self.prefill not in ("page", "chunk"):
+            raise ValueError(f"--oscar-prefill must be 'page' or 'chunk', got {self.prefill!r}")
+
+    @property
+    def quantized(self) -> bool:
+        return self.method != "bf16"
+
+    @property
+    def rotate(self) -> bool:
+        """Per-head Hadamard on Q/K after RoPE, and on V through the folded v_proj/o_proj weights."""
+        return self.method in ("quarot", "oscar")
+
+    @property
+    def token_norm(self) -> bool:
+        """Omni-token K norm: keys stored unit-norm, the norm multiplied back into the logits."""
+        return self.method == "oscar"
+
+    @property
+    def name(self) -> str:
+        return "bf16" if not self.quantized else f"{self.method}-{self.bits}"
+
+    def fingerprint(self) -> str:
+        """Identifies everything that decides a page's bytes; two servers share pages only if equal."""
+        d = dict(method=self.method, bits=self.bits, page=self.page_size, k_group=K_GROUP,
+                 v_group=V_GROUP, rotation="sylvester-hadamard" if self.rotate else "none",
+                 norm="omni-l2" if self.token_norm else "none", format=FORMAT_VERSION)
+        digest = hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
+        return f"{self.name}/p{self.page_size}/{digest}"
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "OscarConfig":
+        return cls(**json.loads(text))
+
+    @classmethod
+    def from_env(cls) -> "OscarConfig | None":
+        text = os.environ.get(ENV)
+        return cls.from_json(text) if text else None
+
+    # ---- command line -------------------------------------------------------------------------
+    @staticmethod
+    def add_cli_args(parser: argparse.ArgumentParser) -> None:
+        g = parser.add_argument_group("OScaR KV-cache quantization")
+        g.add_argument("--oscar-method", choices=METHODS, default="oscar",
+                       help="bf16 = plain SGLang; kivi = no rotation; quarot = Hadamard; "
+                            "oscar = Hadamard + omni-token K norm (default)")
+        g.add_argument("--oscar-bits", type=int, choices=(2, 4), default=2)
+        g.add_argument("--oscar-page-size", type=int, default=None,
+                       help="KV page size in tokens, a multiple of 32 (default 64; --page-size is used if given)")
+        g.add_argument("--oscar-prefill", choices=("page", "chunk"), default="page",
+                       help="prefill precision: page-consistent (default) or OScaR's in-chunk bf16")
+
+    @classmethod
+    def parse_known_args(cls, argv):
+        parser = argparse.ArgumentParser(add_help=False)
+        cls.add_cli_args(parser)
+        ns, rest = parser.parse_known_args(argv)
+        return ns, rest
