@@ -1,0 +1,187 @@
+"""SGLang plugin (entry point group `sglang.srt.plugins`): loaded in every SGLang process.
+
+Inert unless the launcher set SGLANG_OSCAR_CONFIG. Then it registers the `oscar` attention
+backend and these hooks (SGLang's HookRegistry; each is verified when the backend is built, since
+the registry only logs failures):
+  pool class     KVCacheConfigurator._resolve_kv_pool_class -> OscarKVPool for MHA, refuse MLA/DSA
+  residual rows  KVCacheConfigurator._build_token_to_kv_pool  -> request-row count for the residual
+  sizing         DefaultPoolConfigurator.__init__             -> real packed bytes per token + residual
+  fused KV write models.utils.enable_fused_set_kv_buffer      -> False (it would bypass the pool)
+  V rotation     ModelRunner.maybe_apply_post_load_model_transforms -> fold H into v_proj / o_proj
+  reporting      build_server_info / scheduler internal state -> config, fingerprint, pool state
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+
+from .config import OscarConfig
+
+logger = logging.getLogger(__name__)
+_registered = False
+DEBUG_ENV = "SGLANG_OSCAR_DEBUG"  # adds per-page digests of the packed bytes to /server_info
+
+T_CONFIGURATOR = "sglang.srt.mem_cache.kv_cache_configurator.KVCacheConfigurator"
+T_POOL_CLASS = T_CONFIGURATOR + "._resolve_kv_pool_class"
+T_POOL_BUILD = T_CONFIGURATOR + "._build_token_to_kv_pool"
+T_SIZING = "sglang.srt.model_executor.pool_configurator.DefaultPoolConfigurator.__init__"
+T_FUSED = "sglang.srt.models.utils.enable_fused_set_kv_buffer"
+T_POST_LOAD = "sglang.srt.model_executor.model_runner.ModelRunner.maybe_apply_post_load_model_transforms"
+T_SERVER_INFO = "sglang.srt.utils.common.build_server_info"
+T_STATE = "sglang.srt.managers.scheduler_components.internal_state.SchedulerInternalStateController._add_memory_usage"
+SCHEDULER_HOOKS = (T_POOL_CLASS, T_POOL_BUILD, T_SIZING, T_FUSED, T_POST_LOAD)
+
+
+def register() -> None:
+    """Entry point. Idempotent: registering twice would double-wrap the AROUND hooks."""
+    global _registered
+    cfg = OscarConfig.from_env()
+    if _registered or cfg is None or not cfg.quantized:
+        return
+    _registered = True
+    from sglang.srt.arg_groups.choices import ATTENTION_BACKEND_CHOICES, add_attention_backend_choices
+    from sglang.srt.layers.attention.attention_registry import register_attention_backend
+    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+    if "oscar" not in ATTENTION_BACKEND_CHOICES:
+        add_attention_backend_choices(["oscar"])
+
+    @register_attention_backend("oscar")
+    def _make_backend(model_runner):
+        from .backend import OscarAttnBackend
+        return OscarAttnBackend(model_runner)
+
+    HookRegistry.register(T_POOL_CLASS, _pool_class, HookType.AROUND)
+    HookRegistry.register(T_POOL_BUILD, _pool_build, HookType.AROUND)
+    HookRegistry.register(T_SIZING, _sizing, HookType.AFTER)
+    HookRegistry.register(T_FUSED, lambda *a, **k: False, HookType.REPLACE)
+    HookRegistry.register(T_POST_LOAD, _fold_v, HookType.AFTER)
+    HookRegistry.register(T_SERVER_INFO, _server_info, HookType.AFTER)
+    HookRegistry.register(T_STATE, _internal_state, HookType.AFTER)
+
+
+# ---- hooks -----------------------------------------------------------------------------------
+def _pool_class(original, self, *, kind, default):
+    if kind == "mha" and not getattr(self, "is_draft_worker", False):
+        from .pool import OscarKVPool
+        return OscarKVPool
+    return original(self, kind=kind, default=default)
+
+
+def _pool_build(original, self, *args, **kwargs):
+    from . import pool
+    if getattr(self, "use_mla_backend", False):
+        raise RuntimeError("OScaR KV quantization supports MHA/GQA models only, not MLA/DSA")
+    rtp = kwargs.get("req_to_token_pool")
+    pool.residual_rows_hint = rtp.size + 1 if rtp is not None else None  # + SGLang's padding row 0
+    return original(self, *args, **kwargs)
+
+
+_sizing_applied = False
+
+
+def _sizing(result, self, kvc, *args, **kwargs):
+    """Charge SGLang's pool sizing the real packed bytes per token and the fixed residual."""
+    global _sizing_applied
+    from sglang.srt.model_executor import pool_configurator as pc
+    from . import layout
+    from .pool import residual_bytes
+
+    cfg = OscarConfig.from_env()
+    mc = kvc.model_config
+    heads = mc.get_num_kv_heads(pc.get_parallel().attn_tp_size)
+    layers = kvc.layer_info.num_effective_layers
+    self._cell_size = math.ceil(layout.bytes_per_token(heads, mc.head_dim, cfg.bits) * layers)
+    rows = (kvc.server_args.max_running_requests or 0) + 2  # + padding row, + slack
+    itemsize = 2  # residual K/V in the model dtype (bf16/fp16)
+    self._fixed_overhead_bytes += residual_bytes(rows, cfg.page_size, heads, mc.head_dim, layers, itemsize)
+    _sizing_applied = True
+
+
+def _fold_v(result, runner, *args, **kwargs):
+    cfg = OscarConfig.from_env()
+    if not cfg.rotate or getattr(runner, "is_draft_worker", False):
+        runner._oscar_v_folded = True
+        return
+    from .fold import fold_v_rotation
+    n = 0
+    for mod in runner.model.modules():
+        qkv, o = getattr(mod, "qkv_proj", None), getattr(mod, "o_proj", None)
+        if qkv is None or o is None or not hasattr(mod, "kv_size"):
+            continue
+        w = qkv.weight
+        if w.dtype not in (_torch().bfloat16, _torch().float16, _torch().float32):
+            raise RuntimeError(f"OScaR folds the V rotation into v_proj/o_proj; quantized weights "
+                               f"({w.dtype}) are not supported")
+        vs = slice(mod.q_size + mod.kv_size, mod.q_size + 2 * mod.kv_size)
+        bias = qkv.bias[vs] if getattr(qkv, "bias", None) is not None else None
+        fold_v_rotation(w.data[vs], o.weight.data, mod.head_dim, bias.data if bias is not None else None)
+        n += 1
+    if n == 0:
+        raise RuntimeError("OScaR: found no qkv_proj/o_proj attention modules to fold the V rotation into "
+                           "(supported: Llama/Qwen2/Qwen3/Mistral-family models)")
+    runner._oscar_v_folded = True
+    logger.info("OScaR: folded the V Hadamard into v_proj/o_proj of %d layers", n)
+
+
+def _torch():
+    import torch
+    return torch
+
+
+def _server_info(result, *args, **kwargs):
+    result["oscar"] = oscar_info(OscarConfig.from_env())
+    return result
+
+
+def oscar_info(cfg: OscarConfig) -> dict:
+    return {"method": cfg.method, "bits": cfg.bits, "page_size": cfg.page_size,
+            "prefill": cfg.prefill, "fingerprint": cfg.fingerprint()}
+
+
+def _internal_state(result, controller, state, *args, **kwargs):
+    sched = controller.scheduler
+    alloc = sched.token_to_kv_pool_allocator
+    info = {"fingerprint": OscarConfig.from_env().fingerprint(),
+            "available_tokens": int(alloc.available_size()),
+            "evictable_tokens": int(sched.tree_cache.evictable_size()),
+            "max_total_num_tokens": int(sched.max_total_num_tokens)}
+    if os.environ.get(DEBUG_ENV) == "1":
+        info["page_digests"] = page_digests(alloc)
+    state["oscar"] = info
+
+
+def page_digests(alloc) -> dict:
+    """sha256 of every in-use page's packed bytes over all layers (pages not on the free list)."""
+    import torch
+    pool = alloc.get_kvcache()
+    free = set(alloc.free_pages.tolist()) | set(getattr(alloc, "release_pages", torch.empty(0)).tolist())
+    out = {}
+    for page in range(1, pool.num_pages):
+        if page in free:
+            continue
+        h = hashlib.sha256()
+        for layer in pool.pages:
+            for f in sorted(layer):
+                h.update(layer[f][page].cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        out[str(page)] = h.hexdigest()[:16]
+    return out
+
+
+# ---- verification (called where failing stops the launch: the backend factory) -----------------
+def verify_hooks(runner) -> None:
+    import pkgutil
+    missing = []
+    for target in SCHEDULER_HOOKS:
+        mod, attr = target.rsplit(".", 1)
+        fn = getattr(pkgutil.resolve_name(mod), attr)
+        if not hasattr(fn, "__wrapped__"):
+            missing.append(target)
+    if not _sizing_applied:
+        missing.append(T_SIZING + " (did not run)")
+    if not getattr(runner, "_oscar_v_folded", False):
+        missing.append(T_POST_LOAD + " (V rotation not folded)")
+    if missing:
+        raise RuntimeError("OScaR plugin hooks did not take effect: " + ", ".join(missing))

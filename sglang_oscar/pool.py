@@ -1,0 +1,92 @@
+"""The packed KV pool: SGLang's MHA pool with full pages stored only in OScaR's packed form.
+
+Per layer: the layout.FIELDS tensors with a leading page axis (page 0 is SGLang's sink page), and
+a raw (model dtype) residual per request row holding that request's partial last page. Full pages
+are packed the moment they fill (backend.py); the radix tree only ever references full pages, so
+it only ever sees packed bytes. The residual is indexed by req_pool_idx, like req_to_token.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
+
+from . import layout
+from .config import OscarConfig
+
+logger = logging.getLogger(__name__)
+
+# Set by the plugin's hook on the pool builder: rows of SGLang's req_to_token pool (+ padding row).
+residual_rows_hint: int | None = None
+
+
+def residual_bytes(rows: int, page_size: int, head_num: int, head_dim: int, layers: int, itemsize: int) -> int:
+    """Fixed bytes of the raw partial-page residual (K and V) over all layers."""
+    return rows * page_size * head_num * head_dim * 2 * itemsize * layers
+
+
+class OscarKVPool(MHATokenToKVPool):
+    def __init__(self, *args, **kwargs):
+        self.oscar = OscarConfig.from_env()
+        if self.oscar is None or not self.oscar.quantized:
+            raise RuntimeError("OscarKVPool needs an OScaR config (launch with python -m sglang_oscar.launch_server)")
+        if residual_rows_hint is None:
+            raise RuntimeError("OscarKVPool: the request-row count was not captured (plugin hook missing)")
+        self.residual_rows = residual_rows_hint
+        # Raw-byte features (KV copy for speculative decoding, post-capture VA sizing) don't apply.
+        kwargs["enable_kv_cache_copy"] = False
+        kwargs["post_capture_active"] = False
+        super().__init__(*args, **kwargs)
+
+    # ---- buffers ---------------------------------------------------------------------------
+    def _create_buffers(self):
+        P, H, D = self.page_size, self.head_num, self.head_dim
+        if P != self.oscar.page_size:
+            raise RuntimeError(f"pool page size {P} != OScaR page size {self.oscar.page_size}")
+        if self.v_head_dim != D:
+            raise RuntimeError("OScaR needs equal K and V head dims")
+        self.num_pages = (self.size + P) // P
+        shapes = layout.page_shapes(P, H, D, self.oscar.bits)
+        dev = self.device
+        self.pages = [
+            {f: torch.zeros((self.num_pages, *shape), dtype=dt, device=dev) for f, (shape, dt) in shapes.items()}
+            for _ in range(self.layer_num)
+        ]
+        R = self.residual_rows
+        self.res_k = [torch.zeros((R, P, H, D), dtype=self.dtype, device=dev) for _ in range(self.layer_num)]
+        self.res_v = [torch.zeros((R, P, H, D), dtype=self.dtype, device=dev) for _ in range(self.layer_num)]
+        # Generic SGLang code only sizes/logs these; nothing reads them as plain K/V.
+        self.k_buffer = [p["k_codes"] for p in self.pages]
+        self.v_buffer = [p["v_codes"] for p in self.pages]
+        self._kv_buffer_descs = []
+        logger.info(
+            "OScaR pool %s: %d pages x %d tokens, %.1f bytes/token/layer packed (bf16: %d), "
+            "residual %d rows", self.oscar.fingerprint(), self.num_pages, P,
+            layout.bytes_per_token(H, D, self.oscar.bits), H * D * 2 * self.store_dtype.itemsize, R)
+
+    def _init_data_ptrs_and_strides(self):
+        pass
+
+    def get_kv_size_bytes(self):
+        def nbytes(ts):
+            return sum(t.numel() * t.element_size() for t in ts)
+        k = nbytes(t for p in self.pages for f, t in p.items() if f.startswith("k_")) + nbytes(self.res_k)
+        v = nbytes(t for p in self.pages for f, t in p.items() if f.startswith("v_")) + nbytes(self.res_v)
+        return k, v
+
+    # ---- access used by the backend ----------------------------------------------------------
+    def layer(self, layer_id: int):
+        """(packed page tensors, residual K, residual V) of a model layer."""
+        i = layer_id - self.start_layer
+        return self.pages[i], self.res_k[i], self.res_v[i]
+
+    # ---- plain-K/V entry points: a packed pool has none -------------------------------------
+    def _no_plain_kv(self, *args, **kwargs):
+        raise NotImplementedError(
+            "the OScaR pool stores packed pages only; it has no plain K/V buffer "
+            "(use the 'oscar' attention backend; HiCache/PD/speculative KV moves are unsupported)")
+
+    get_key_buffer = get_value_buffer = get_kv_buffer = set_kv_buffer = _no_plain_kv
+    get_contiguous_buf_infos = get_cpu_copy = load_cpu_copy = move_kv_cache = _no_plain_kv
+    get_device_pool_infos = set_kv_buffer_prefix_valid = _no_plain_kv
