@@ -27,6 +27,9 @@ class OscarConfig:
     # prefill exactly as in decode (output independent of cache state). "chunk": a prefill chunk's
     # tokens see each other in bf16 and only the cached prefix through its packed form (OScaR's choice).
     prefill: str = "page"
+    # Fixed KV memory budget in GiB instead of SGLang's free-memory profile: reproducible capacity
+    # comparisons across methods. Not part of the fingerprint (it decides how many pages, not their bytes).
+    kv_budget_gb: float | None = None
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -89,6 +92,9 @@ class OscarConfig:
                        help="KV page size in tokens, a multiple of 32 (default 64; --page-size is used if given)")
         g.add_argument("--oscar-prefill", choices=("page", "chunk"), default="page",
                        help="prefill precision: page-consistent (default) or OScaR's in-chunk bf16")
+        g.add_argument("--oscar-kv-budget-gb", type=float, default=None,
+                       help="size the KV pool from this fixed budget instead of the free-memory profile "
+                            "(also with --oscar-method bf16), for like-for-like capacity comparisons")
 
     @classmethod
     def parse_known_args(cls, argv):

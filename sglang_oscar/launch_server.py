@@ -133,7 +133,8 @@ def resolve(argv: list[str]):
     ns, rest = OscarConfig.parse_known_args(argv)
     page = ns.oscar_page_size or int(_value(rest, "--page-size") or DEFAULT_PAGE)
     try:
-        cfg = OscarConfig(method=ns.oscar_method, bits=ns.oscar_bits, page_size=page, prefill=ns.oscar_prefill)
+        cfg = OscarConfig(method=ns.oscar_method, bits=ns.oscar_bits, page_size=page, prefill=ns.oscar_prefill,
+                          kv_budget_gb=ns.oscar_kv_budget_gb)
     except ValueError as e:
         raise LaunchError(str(e)) from None
     if not _has(rest, "--model-path") and not _has(rest, "--model"):
@@ -155,10 +156,10 @@ def main(argv=None) -> None:
         p.print_help()
         print()
     cfg, sglang_argv = resolve(argv)
-    if cfg.quantized:
+    if cfg.quantized or cfg.kv_budget_gb is not None:
         os.environ[ENV] = cfg.to_json()
     else:
-        os.environ.pop(ENV, None)
+        os.environ.pop(ENV, None)  # plain SGLang: the plugin stays inert
     if not cuda_available():
         os.environ["SGLANG_USE_CPU_ENGINE"] = "1"
     from . import plugin

@@ -30,6 +30,7 @@ T_SIZING = "sglang.srt.model_executor.pool_configurator.DefaultPoolConfigurator.
 T_FUSED = "sglang.srt.models.utils.enable_fused_set_kv_buffer"
 T_POST_LOAD = "sglang.srt.model_executor.model_runner.ModelRunner.maybe_apply_post_load_model_transforms"
 T_SERVER_INFO = "sglang.srt.utils.common.build_server_info"
+T_BUDGET = T_CONFIGURATOR + "._profile_available_bytes"
 T_STATE = "sglang.srt.managers.scheduler_components.internal_state.SchedulerInternalStateController._add_memory_usage"
 SCHEDULER_HOOKS = (T_POOL_CLASS, T_POOL_BUILD, T_SIZING, T_FUSED, T_POST_LOAD)
 
@@ -38,13 +39,18 @@ def register() -> None:
     """Entry point. Idempotent: registering twice would double-wrap the AROUND hooks."""
     global _registered
     cfg = OscarConfig.from_env()
-    if _registered or cfg is None or not cfg.quantized:
+    if _registered or cfg is None:
         return
     _registered = True
     from sglang.srt.arg_groups.choices import ATTENTION_BACKEND_CHOICES, add_attention_backend_choices
     from sglang.srt.layers.attention.attention_registry import register_attention_backend
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
+    if cfg.kv_budget_gb is not None:
+        HookRegistry.register(T_BUDGET, lambda original, *a, **k: int(cfg.kv_budget_gb * (1 << 30)),
+                              HookType.AROUND)
+    if not cfg.quantized:
+        return  # plain SGLang (bf16): only the budget hook, if asked for
     if "oscar" not in ATTENTION_BACKEND_CHOICES:
         add_attention_backend_choices(["oscar"])
 
@@ -142,9 +148,14 @@ def oscar_info(cfg: OscarConfig) -> dict:
 
 
 def _internal_state(result, controller, state, *args, **kwargs):
+    from . import layout
     sched = controller.scheduler
     alloc = sched.token_to_kv_pool_allocator
-    info = {"fingerprint": OscarConfig.from_env().fingerprint(),
+    pool, cfg = alloc.get_kvcache(), OscarConfig.from_env()
+    packed = layout.bytes_per_token(pool.head_num, pool.head_dim, cfg.bits) * pool.layer_num
+    bf16 = pool.head_num * pool.head_dim * 2 * 2 * pool.layer_num
+    info = {"fingerprint": cfg.fingerprint(),
+            "bytes_per_token": packed, "bf16_bytes_per_token": bf16, "compression": bf16 / packed,
             "available_tokens": int(alloc.available_size()),
             "evictable_tokens": int(sched.tree_cache.evictable_size()),
             "max_total_num_tokens": int(sched.max_total_num_tokens)}

@@ -49,8 +49,10 @@ class OscarKVPool(MHATokenToKVPool):
         self.num_pages = (self.size + P) // P
         shapes = layout.page_shapes(P, H, D, self.oscar.bits)
         dev = self.device
+        # torch.empty: a page is always packed before anything reads it, and on a CPU host
+        # zero-filling would make the whole budget resident at start-up.
         self.pages = [
-            {f: torch.zeros((self.num_pages, *shape), dtype=dt, device=dev) for f, (shape, dt) in shapes.items()}
+            {f: torch.empty((self.num_pages, *shape), dtype=dt, device=dev) for f, (shape, dt) in shapes.items()}
             for _ in range(self.layer_num)
         ]
         R = self.residual_rows

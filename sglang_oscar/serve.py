@@ -1,0 +1,89 @@
+"""Start and stop a `sglang_oscar.launch_server` process from Python (tests, benchmarks)."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import requests
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """A launch_server subprocess on 127.0.0.1; `with Server([...]) as s: requests.get(s.url + ...)`."""
+
+    def __init__(self, args, env=None, log_path=None, timeout=600):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.args = [sys.executable, "-m", "sglang_oscar.launch_server", "--host", "127.0.0.1",
+                     "--port", str(self.port), *args]
+        self.env = {**os.environ, **(env or {})}
+        self.log_path = log_path
+        self.timeout = timeout
+        self.proc = None
+
+    def start(self):
+        log = open(self.log_path, "w") if self.log_path else subprocess.DEVNULL
+        # A new session, so stop() can end SGLang's whole process tree.
+        self.proc = subprocess.Popen(self.args, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        deadline = time.time() + self.timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode} during start-up"
+                                   + (f"; log: {self.log_path}" if self.log_path else ""))
+            try:
+                if requests.get(self.url + "/health", timeout=5).status_code == 200:
+                    return self
+            except requests.RequestException:
+                pass
+            time.sleep(1)
+        self.stop()
+        raise TimeoutError(f"server not healthy after {self.timeout}s")
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+
+    # ---- small client helpers ------------------------------------------------------------------
+    def info(self) -> dict:
+        return requests.get(self.url + "/server_info", timeout=60).json()
+
+    def oscar_state(self) -> dict:
+        return self.info()["internal_states"][0]["oscar"]
+
+    def generate(self, input_ids, max_new_tokens=16, **extra) -> dict:
+        body = {"input_ids": input_ids, "sampling_params": {"max_new_tokens": max_new_tokens,
+                                                            "temperature": 0, **extra.pop("sampling", {})}}
+        body.update(extra)
+        r = requests.post(self.url + "/generate", json=body, timeout=600)
+        r.raise_for_status()
+        return r.json()
+
+    def chat(self, messages, max_tokens=32, **extra) -> dict:
+        body = {"model": "default", "messages": messages, "max_tokens": max_tokens, "temperature": 0, **extra}
+        r = requests.post(self.url + "/v1/chat/completions", json=body, timeout=600)
+        r.raise_for_status()
+        return r.json()
+
+    def flush(self):
+        requests.post(self.url + "/flush_cache", timeout=60).raise_for_status()
