@@ -37,8 +37,8 @@ class OscarConfig:
         if self.bits not in (2, 4):
             raise ValueError(f"--oscar-bits must be 2 or 4, got {self.bits}")
         if self.page_size <= 0 or self.page_size % K_GROUP:
-            raise ValueError(f"--oscar-page-size must be a positive multiple of the {K_GROUP}-token K group, "
-                             f"got {self.page_size}")
+            raise ValueError(f"the page size (--oscar-page-size or --page-size) must be a positive multiple "
+                             f"of the {K_GROUP}-token K group, got {self.page_size}")
         if self.prefill not in ("page", "chunk"):
             raise ValueError(f"--oscar-prefill must be 'page' or 'chunk', got {self.prefill!r}")
 
