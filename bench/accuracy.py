@@ -1,0 +1,537 @@
+"""Accuracy of bf16 / KIVI / QuaRot / OScaR KV caches on the real default model, in-process (transformers).
+
+Every attention call goes through the functions the server's pool and backend use: full pages are
+packed with quant.store_pages, and queries attend through reference.attend with their quantized
+boundaries from reference.boundaries. A per-request, per-layer cache holds the packed pages and the
+raw (bf16) tail, so prefix sharing, cache hits and decode are incremental, as in the server.
+
+    python bench/accuracy.py            # the full study -> bench/results/accuracy.{json,png}
+    python bench/accuracy.py --quick    # a small smoke run (written to the temp dir)
+    python bench/accuracy.py --resume   # continue an interrupted run from its JSON
+
+Results are rewritten after every finished piece, so a long run can be read while it goes on.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import math
+import os
+import platform
+import random
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from transformers import AttentionInterface, AutoModelForCausalLM, AutoTokenizer
+
+from sglang_oscar.config import OscarConfig
+from sglang_oscar.fold import fold_v_rotation
+from sglang_oscar.model import MODEL_NAME, default_model_path
+from sglang_oscar.quant import store_pages
+from sglang_oscar.reference import attend, boundaries
+
+RESULTS = Path(__file__).resolve().parent / "results"
+ATTN = "oscar_bench"
+BLOCK = 512  # query block: keys past a block's last query are never scored (block-causal)
+MAIN_ROWS = [("bf16", 2, 64), ("kivi", 2, 64), ("quarot", 2, 64), ("oscar", 2, 64),
+             ("kivi", 4, 64), ("quarot", 4, 64), ("oscar", 4, 64), ("oscar", 2, 32), ("oscar", 2, 128)]
+# Real long-form English text that ships with every Debian system (package base-files).
+TEXT_DIR = Path("/usr/share/common-licenses")
+TEXT_DOCS = ["GPL-3", "LGPL-2.1", "MPL-1.1", "GFDL-1.3", "GPL-2", "MPL-2.0", "GPL-1", "Apache-2.0"]
+WINDOW = 8192
+
+
+# ---- the cache: per request, per layer ----------------------------------------------------------
+@dataclasses.dataclass
+class LayerCache:
+    pages: dict | None = None       # packed full pages 0..n-1 (layout.FIELDS, leading page dim)
+    raw_k: torch.Tensor | None = None  # raw bf16 keys/values at positions raw_start ...
+    raw_v: torch.Tensor | None = None
+    raw_start: int = 0
+
+    @property
+    def n_pages(self):
+        return 0 if self.pages is None else self.pages["k_norm"].shape[0]
+
+
+def slice_pages(pages, n):
+    return None if pages is None or n == 0 else {k: v[:n] for k, v in pages.items()}
+
+
+class Request:
+    """One sequence's KV state across all layers."""
+
+    def __init__(self, n_layers):
+        self.layers = [LayerCache() for _ in range(n_layers)]
+        self.length = 0
+
+    def prefix(self, n_tokens, cfg):
+        """A new request holding only what the radix tree would give it: the first n_tokens
+        (whole packed pages for quantized methods, raw for bf16). A view: shares tensors."""
+        r = Request(0)
+        for lc in self.layers:
+            if cfg.quantized:
+                n = n_tokens // cfg.page_size
+                c = LayerCache(slice_pages(lc.pages, n), lc.raw_k[:0], lc.raw_v[:0], n * cfg.page_size)
+            else:
+                c = LayerCache(None, lc.raw_k[:n_tokens], lc.raw_v[:n_tokens], 0)
+            r.layers.append(c)
+        r.length = n_tokens - n_tokens % cfg.page_size if cfg.quantized else n_tokens
+        return r
+
+
+@dataclasses.dataclass
+class Step:
+    """What the attention function needs for one forward call (set around model calls)."""
+    cfg: OscarConfig
+    requests: list
+    positions: list          # per request: LongTensor [T]
+    prefix_lens: list        # per request: tokens already cached (decides qb in "chunk" mode)
+    keep_raw: bool = False   # keep raw K/V below the packed boundary (the chunk-mode study)
+
+
+STEP: Step | None = None
+
+
+def extend(lc: LayerCache, q, k, v, pos, prefix_len, cfg: OscarConfig, scale, keep_raw):
+    """Append this chunk's K/V to one layer's cache, pack its full pages, attend. q [T, Hq, D]."""
+    k, v = k.to(torch.bfloat16), v.to(torch.bfloat16)  # the cache holds the model dtype
+    lc.raw_k = k if lc.raw_k is None else torch.cat([lc.raw_k, k])
+    lc.raw_v = v if lc.raw_v is None else torch.cat([lc.raw_v, v])
+    end = int(pos[-1]) + 1
+    if not cfg.quantized:
+        qb = torch.zeros_like(pos)
+    else:
+        P = cfg.page_size
+        n_old, n_new = lc.n_pages, end // P
+        if n_new > n_old:  # pages are packed before attention: later queries of the chunk may read them
+            s = n_old * P - lc.raw_start
+            H, D = k.shape[1:]
+            kk = lc.raw_k[s:s + (n_new - n_old) * P].reshape(n_new - n_old, P, H, D)
+            vv = lc.raw_v[s:s + (n_new - n_old) * P].reshape(n_new - n_old, P, H, D)
+            new = store_pages(kk, vv, cfg)
+            lc.pages = new if lc.pages is None else {f: torch.cat([lc.pages[f], new[f]]) for f in new}
+        qb = boundaries(pos, prefix_len, cfg)
+    outs = []
+    for a in range(0, q.shape[0], BLOCK):
+        b = min(q.shape[0], a + BLOCK)
+        qpos, qqb = pos[a:b], qb[a:b]
+        lo, hi = int(qqb.min()), int(qpos.max()) + 1
+        pages = slice_pages(lc.pages, int(qqb.max()) // cfg.page_size) if cfg.quantized else None
+        rk = lc.raw_k[lo - lc.raw_start:hi - lc.raw_start]
+        rv = lc.raw_v[lo - lc.raw_start:hi - lc.raw_start]
+        outs.append(attend(q[a:b], qpos, qqb, pages, rk, rv, lo, cfg, sm_scale=scale))
+    if cfg.quantized and not keep_raw:  # the pool keeps only the partial last page raw
+        cut = lc.n_pages * cfg.page_size - lc.raw_start
+        if cut > 0:
+            lc.raw_k, lc.raw_v, lc.raw_start = lc.raw_k[cut:], lc.raw_v[cut:], lc.raw_start + cut
+    return torch.cat(outs)
+
+
+def oscar_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """transformers attention function: query [B, Hq, T, D], key/value [B, H, T, D] (post-RoPE)."""
+    st = STEP
+    outs = []
+    for i, req in enumerate(st.requests):
+        lc = req.layers[module.layer_idx]
+        outs.append(extend(lc, query[i].transpose(0, 1), key[i].transpose(0, 1), value[i].transpose(0, 1),
+                           st.positions[i], st.prefix_lens[i], st.cfg, scaling, st.keep_raw))
+    return torch.stack(outs).to(query.dtype), None
+
+
+AttentionInterface.register(ATTN, oscar_attention)
+
+
+# ---- running the model ------------------------------------------------------------------------
+class Engine:
+    def __init__(self, model_dir, device="cpu"):
+        self.device = torch.device(device)
+        self.tok = AutoTokenizer.from_pretrained(model_dir)
+        plain = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).eval().to(self.device)
+        plain.set_attn_implementation(ATTN)
+        folded = copy.deepcopy(plain)
+        hd = folded.config.head_dim
+        for layer in folded.model.layers:  # quarot/oscar: the cache holds H v (as the server folds it)
+            fold_v_rotation(layer.self_attn.v_proj.weight.data, layer.self_attn.o_proj.weight.data, hd)
+        self.models = {False: plain, True: folded}
+        self.n_layers = plain.config.num_hidden_layers
+
+    def model(self, cfg):
+        return self.models[cfg.rotate]
+
+    @torch.no_grad()
+    def forward(self, cfg, reqs, ids, prefix_lens=None, keep_raw=False, hidden=False):
+        """Run token lists `ids` (one per request, equal lengths) after each request's cached tokens."""
+        global STEP
+        T = len(ids[0])
+        pos = [torch.arange(r.length, r.length + T, device=self.device) for r in reqs]
+        STEP = Step(cfg, reqs, pos, prefix_lens or [r.length for r in reqs], keep_raw)
+        try:
+            m = self.model(cfg)
+            out = m.model(input_ids=torch.tensor(ids, device=self.device), position_ids=torch.stack(pos),
+                          use_cache=False)
+        finally:
+            STEP = None
+        for r in reqs:
+            r.length += T
+        h = out.last_hidden_state
+        return h if hidden else m.lm_head(h[:, -1:]).float()[:, 0]
+
+    def new(self):
+        return Request(self.n_layers)
+
+    @torch.no_grad()
+    def nll(self, cfg, ids):
+        """Summed next-token NLL and count over one window, prefilled as one chunk."""
+        h = self.forward(cfg, [self.new()], [ids], hidden=True)[0]
+        lm = self.model(cfg).lm_head
+        target = torch.tensor(ids[1:], device=self.device)
+        total = 0.0
+        for a in range(0, len(ids) - 1, 1024):
+            b = min(len(ids) - 1, a + 1024)
+            logits = lm(h[a:b]).float()
+            total += torch.nn.functional.cross_entropy(logits, target[a:b], reduction="sum").item()
+        return total, len(ids) - 1
+
+    @torch.no_grad()
+    def greedy(self, cfg, reqs, first_logits, n):
+        """Greedy decode n tokens for a batch of prefilled requests (one token per step, incremental)."""
+        toks = [[int(l.argmax())] for l in first_logits]
+        for _ in range(n - 1):
+            logits = self.forward(cfg, reqs, [[t[-1]] for t in toks])
+            for t, l in zip(toks, logits):
+                t.append(int(l.argmax()))
+        return toks
+
+
+# ---- the workloads ------------------------------------------------------------------------------
+def load_text(tok, quick):
+    docs = []
+    for name in TEXT_DOCS[:2] if quick else TEXT_DOCS:
+        ids = tok((TEXT_DIR / name).read_text(encoding="utf-8", errors="replace")).input_ids
+        docs.append((name, ids[:1024 if quick else WINDOW]))
+    return docs
+
+
+def passkey_tokens(tok, length, depth, key, filler_ids, intro, question):
+    """intro + filler with the needle at `depth` (a sentence boundary) + question, ~`length` tokens;
+    also returns the needle's token index (everything before it is shared between trials)."""
+    needle = tok(f" The pass key is {key}. Remember it. {key} is the pass key.").input_ids
+    n_fill = length - len(intro) - len(needle) - len(question)
+    sent = len(filler_ids[0])
+    n_sent = max(1, n_fill // sent)
+    at = round(depth * n_sent)
+    body = [t for s in filler_ids[:at] for t in s] + needle + [t for s in filler_ids[at:n_sent] for t in s]
+    return intro + body + question, len(intro) + at * sent
+
+
+def passkey_setup(tok, max_len):
+    intro = tok("There is an important info hidden inside a lot of irrelevant text. Find it and "
+                "memorize it. I will quiz you about the important information there.\n").input_ids
+    sentence = tok(" The grass is green. The sky is blue. The sun is yellow. Here we go. There and "
+                   "back again.").input_ids
+    question = tok("\nWhat is the pass key? The pass key is").input_ids
+    filler = [sentence] * (max_len // len(sentence) + 1)
+    return intro, filler, question
+
+
+def chat_prompts(tok, docs_text, n, excerpt_tokens):
+    """n chat prompts, each a passage from the text plus a task (long enough to fill packed pages)."""
+    tasks = ["Summarize the passage above in two sentences.", "What is the main topic of this text?",
+             "List three obligations that this text describes.", "Explain the passage above to a child.",
+             "Which rights does this text give to the reader?", "Write one question a lawyer might ask about this."]
+    rng = random.Random(0)
+    out = []
+    for i in range(n):
+        name, ids = docs_text[i % len(docs_text)]
+        start = rng.randrange(0, max(1, len(ids) - excerpt_tokens))
+        passage = tok.decode(ids[start:start + excerpt_tokens])
+        msg = f"Read this passage:\n\n{passage}\n\n{tasks[i % len(tasks)]}"
+        text = tok.apply_chat_template([{"role": "user", "content": msg}], tokenize=False,
+                                       add_generation_prompt=True)
+        out.append(tok(text).input_ids)
+    return out
+
+
+# ---- the study ----------------------------------------------------------------------------------
+class Study:
+    def __init__(self, args):
+        self.args = args
+        self.eng = Engine(args.model or default_model_path(), args.device)
+        tok = self.eng.tok
+        self.docs = load_text(tok, args.quick)
+        self.lengths = [1024, 2048] if args.quick else [1024, 2048, 4096, 8192]
+        self.trials = 3 if args.quick else args.trials
+        self.n_prompts = 4 if args.quick else args.prompts
+        self.gen = 16 if args.quick else 64
+        self.prompts = chat_prompts(tok, self.docs, self.n_prompts, 256 if args.quick else 640)
+        self.intro, self.filler, self.question = passkey_setup(tok, max(self.lengths))
+        rng = random.Random(1)
+        self.keys = {L: [rng.randrange(10000, 100000) for _ in range(self.trials)] for L in self.lengths}
+        self.bf16_answers = None
+        self.result = {
+            "model": MODEL_NAME, "hardware": f"CPU ({platform.processor() or platform.machine()}, "
+            f"{os.cpu_count()} cores), torch {torch.__version__}, bf16 weights, reference (torch) kernels",
+            "text_source": {"package": "base-files (Debian), /usr/share/common-licenses",
+                            "documents": {n: len(ids) for n, ids in self.docs}, "window": WINDOW,
+                            "tokens_scored": sum(len(i) - 1 for _, i in self.docs)},
+            "passkey": {"lengths": self.lengths, "trials": self.trials,
+                        "depths": "evenly spaced over 0..1", "generated_tokens": 8},
+            "agreement": {"prompts": self.n_prompts, "generated_tokens": self.gen,
+                          "metric": "fraction of identical tokens (position by position) vs bf16"},
+            "quick": bool(args.quick), "rows": [], "prefill_study": {}}
+        self.t0 = time.time()
+        # a smoke run never overwrites the committed results
+        default = Path(tempfile.gettempdir()) / "sglang_oscar_accuracy_quick.json" if args.quick \
+            else RESULTS / "accuracy.json"
+        self.path = Path(args.out) if args.out else default
+        if args.resume and self.path.exists():  # continue an interrupted run where it stopped
+            old = json.loads(self.path.read_text())
+            self.result["rows"], self.result["prefill_study"] = old["rows"], old["prefill_study"]
+            self.bf16_answers = old["agreement"].get("bf16_tokens")
+            self.result["agreement"].update(old["agreement"])
+            self.result["elapsed_before_resume_s"] = old.get("elapsed_s", 0) + old.get("elapsed_before_resume_s", 0)
+        if self.eng.device.type == "cuda":
+            self.result["hardware"] = f"{torch.cuda.get_device_name()}, torch {torch.__version__}, bf16 " \
+                                      "weights, reference (torch) attention and quantization"
+        self.result["complete"] = False
+
+    def log(self, msg):
+        print(f"[{time.time() - self.t0:7.0f}s] {msg}", flush=True)
+
+    def save(self):
+        path = self.path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.result["elapsed_s"] = round(time.time() - self.t0)
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(self.result, indent=1))
+        os.replace(tmp, path)
+        plot(self.result, path.with_suffix(".png"))
+
+    def row(self, cfg):
+        for r in self.result["rows"]:
+            if (r["method"], r["bits"], r["page_size"]) == (cfg.method, cfg.bits if cfg.quantized else 16,
+                                                             cfg.page_size):
+                return r
+        r = {"method": cfg.method, "bits": cfg.bits if cfg.quantized else 16, "page_size": cfg.page_size,
+             "name": cfg.name + ("" if cfg.page_size == 64 else f"/p{cfg.page_size}")}
+        self.result["rows"].append(r)
+        return r
+
+    def ppl(self, cfg):
+        tot, n = 0.0, 0
+        for name, ids in self.docs:
+            s, c = self.eng.nll(cfg, ids)
+            tot, n = tot + s, n + c
+        return math.exp(tot / n)
+
+    def passkey(self, cfg, keep_raw=False):
+        """Accuracy per length. Trials share the filler before their needle: one base run per
+        config, each trial resumes from its needle's page (page mode: the packed prefix is exactly
+        what a cold run stores). keep_raw: the chunk study's cold single-chunk prefill, where the
+        whole prompt attends in bf16 (qb = 0) and only decode reads the packed pages."""
+        eng = self.eng
+        base = eng.new()
+        eng.forward(cfg, [base], [self.intro + [t for s in self.filler for t in s]][:1],
+                    prefix_lens=[0], keep_raw=keep_raw)
+        acc = {}
+        for L in self.lengths:
+            hits = 0
+            for j, key in enumerate(self.keys[L]):
+                depth = j / max(1, self.trials - 1)
+                ids, shared = passkey_tokens(eng.tok, L, depth, key, self.filler, self.intro, self.question)
+                req = base.prefix(shared, cfg) if not keep_raw else self._raw_prefix(base, shared, cfg)
+                logits = eng.forward(cfg, [req], [ids[req.length:]],
+                                     prefix_lens=[0 if keep_raw else req.length], keep_raw=keep_raw)
+                if keep_raw:
+                    self._drop_raw(req, cfg)
+                out = eng.greedy(cfg, [req], logits, 8)[0]
+                hits += str(key) in eng.tok.decode(out)
+            acc[str(L)] = hits / self.trials
+            self.log(f"  {cfg.name}/p{cfg.page_size}/{cfg.prefill} passkey {L}: {acc[str(L)]:.2f}")
+        return acc
+
+    @staticmethod
+    def _raw_prefix(base, n, cfg):
+        """Chunk study: the first n tokens with their raw K/V (a cold prefill sees them in bf16)."""
+        r = Request(0)
+        P = cfg.page_size
+        for lc in base.layers:
+            r.layers.append(LayerCache(slice_pages(lc.pages, n // P), lc.raw_k[:n], lc.raw_v[:n], 0))
+        r.length = n
+        return r
+
+    @staticmethod
+    def _drop_raw(req, cfg):
+        """After the prefill the pool keeps only the partial last page raw."""
+        for lc in req.layers:
+            cut = lc.n_pages * cfg.page_size - lc.raw_start
+            lc.raw_k, lc.raw_v, lc.raw_start = lc.raw_k[cut:], lc.raw_v[cut:], lc.raw_start + cut
+
+    def generate(self, cfg, prompts, hit=False, cold_chunk=False):
+        """Greedy continuations of chat prompts, batched. hit: the first half of each prompt is a
+        cached prefix (whole pages, as the radix tree holds them) and the rest extends it."""
+        eng = self.eng
+        reqs, first = [], []
+        for ids in prompts:
+            req = eng.new()
+            if hit:
+                half = (len(ids) // 2) // cfg.page_size * cfg.page_size
+                eng.forward(cfg, [req], [ids[:half]], prefix_lens=[0])
+                req = req.prefix(half, cfg)
+            logits = eng.forward(cfg, [req], [ids[req.length:]], prefix_lens=[req.length])
+            reqs.append(req)
+            first.append(logits[0])
+        return eng.greedy(cfg, reqs, first, self.gen)
+
+    def agreement(self, answers):
+        same = sum(a == b for x, y in zip(answers, self.bf16_answers) for a, b in zip(x, y))
+        return same / sum(len(x) for x in self.bf16_answers)
+
+    def ppl_and_agreement(self, cfg):
+        r = self.row(cfg)
+        if "agreement" in r:
+            return
+        r["ppl"] = self.ppl(cfg)
+        self.log(f"{r['name']}: ppl {r['ppl']:.4f}")
+        answers = self.generate(cfg, self.prompts)
+        if self.bf16_answers is None:  # bf16 runs first: the reference for every other row
+            self.bf16_answers = answers
+            self.result["agreement"]["bf16_tokens"] = answers
+            self.result["agreement"]["bf16_sample"] = self.eng.tok.decode(answers[0])
+        r["agreement"] = self.agreement(answers)
+        self.log(f"{r['name']}: agreement {r['agreement']:.4f}")
+        self.save()
+
+    def run(self):
+        rows = MAIN_ROWS[:4] if self.args.quick else MAIN_ROWS
+        cfgs = [OscarConfig(method=m, bits=b, page_size=p) for m, b, p in rows]
+        head, rest = cfgs[:4], cfgs[4:]  # bf16, kivi-2, quarot-2, oscar-2: the headline comparison first
+        for cfg in head:
+            self.ppl_and_agreement(cfg)
+        for cfg in head:
+            if "passkey" not in self.row(cfg):
+                self.row(cfg)["passkey"] = self.passkey(cfg)
+                self.save()
+        self.prefill_study()
+        for cfg in rest:
+            self.ppl_and_agreement(cfg)
+        for cfg in rest:
+            if "passkey" not in self.row(cfg):
+                self.row(cfg)["passkey"] = self.passkey(cfg)
+                self.save()
+        self.result["complete"] = True
+        self.save()
+        self.log("done")
+
+    def prefill_study(self):
+        st = self.result["prefill_study"]
+        main = self.row(OscarConfig(method="oscar", bits=2, page_size=64))  # the "page" default
+        for prefill in ("page", "chunk"):
+            cfg = OscarConfig(method="oscar", bits=2, page_size=64, prefill=prefill)
+            d = st.setdefault(prefill, {})
+            if "hit_vs_miss_agreement" in d:
+                continue
+            cold = self.generate(cfg, self.prompts)
+            d["agreement"] = self.agreement(cold)
+            if prefill == "page" and "agreement" in main:  # the same computation as the main row
+                assert abs(d["agreement"] - main["agreement"]) < 1e-12
+            hit = self.generate(cfg, self.prompts, hit=True)
+            same = sum(a == b for x, y in zip(hit, cold) for a, b in zip(x, y))
+            d["hit_vs_miss_agreement"] = same / sum(len(x) for x in cold)
+            d["hit_vs_miss_identical_prompts"] = sum(x == y for x, y in zip(hit, cold)) / len(cold)
+            self.log(f"prefill={prefill}: agreement {d['agreement']:.4f}, hit vs miss "
+                     f"{d['hit_vs_miss_agreement']:.4f}")
+            self.save()
+        st["page"]["passkey"] = main.get("passkey")  # the main oscar-2 row is the page-mode run
+        if "passkey" not in st["chunk"]:
+            cfg = OscarConfig(method="oscar", bits=2, page_size=64, prefill="chunk")
+            st["chunk"]["passkey"] = self.passkey(cfg, keep_raw=True)
+            self.save()
+        st["note"] = ("page: every query reads earlier pages packed and its own page in bf16 (prefill as "
+                      "decode); chunk: a cold single-chunk prefill attends in bf16 throughout and only "
+                      "decode reads packed pages; hit vs miss: the first half of each prompt (whole "
+                      "pages) cached, then the rest extended, against the cold run")
+
+
+# ---- the plot -------------------------------------------------------------------------------------
+def plot(res, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in res["rows"] if "ppl" in r]
+    if not rows:
+        return
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    names = [r["name"] for r in rows]
+    colors = [{"bf16": "0.5", "kivi": "tab:orange", "quarot": "tab:blue", "oscar": "tab:green"}[r["method"]]
+              for r in rows]
+    base = rows[0]["ppl"]
+    axes[0].bar(names, [r["ppl"] - base for r in rows], color=colors)
+    axes[0].set_ylabel(f"perplexity increase over bf16 ({base:.3f})")
+    axes[0].set_yscale("symlog", linthresh=0.01)
+    axes[1].bar(names, [r.get("agreement", 0) for r in rows], color=colors)
+    axes[1].set_ylabel(f"greedy agreement with bf16 ({res['agreement']['generated_tokens']} tokens)")
+    axes[1].set_ylim(0, 1)
+    for ax in axes[:2]:
+        ax.tick_params(axis="x", rotation=45)
+    for r, c in zip(rows, colors):
+        if "passkey" in r:
+            ls = [int(k) for k in r["passkey"]]
+            axes[2].plot(ls, list(r["passkey"].values()), "o-", color=c, label=r["name"],
+                         alpha=1 if r["page_size"] == 64 else 0.5)
+    axes[2].set_xscale("log", base=2)
+    axes[2].set_xlabel("passkey prompt length (tokens)")
+    axes[2].set_ylabel("passkey accuracy")
+    axes[2].set_ylim(-0.05, 1.05)
+    if axes[2].lines:
+        axes[2].legend(fontsize=7)
+    fig.suptitle(f"{res['model']} KV-cache quantization, {res['hardware']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def table(res):
+    """The README's results table, straight from the JSON."""
+    lengths = res["passkey"]["lengths"]
+    base = next(r["ppl"] for r in res["rows"] if r["method"] == "bf16")
+    head = ["method", "page", "ppl", "Δppl"] + [f"passkey {L // 1024}k" for L in lengths] + ["agreement"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    fmt = lambda x, f: "–" if x is None else f.format(x)  # noqa: E731
+    for r in res["rows"]:
+        pk = r.get("passkey") or {}
+        lines.append("| " + " | ".join(
+            [r["name"].split("/")[0], str(r["page_size"]), fmt(r.get("ppl"), "{:.3f}"),
+             fmt(None if "ppl" not in r else r["ppl"] - base, "{:+.3f}")]
+            + [fmt(pk.get(str(L)), "{:.2f}") for L in lengths] + [fmt(r.get("agreement"), "{:.3f}")]) + " |")
+    return "\n".join(lines)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="small smoke run")
+    ap.add_argument("--model", help="HF model directory (default: the embedded SmolLM2-135M-Instruct)")
+    ap.add_argument("--trials", type=int, default=20, help="passkey trials per length")
+    ap.add_argument("--prompts", type=int, default=20, help="chat prompts for greedy agreement")
+    ap.add_argument("--device", default="cpu", help="torch device for the model and the reference kernels")
+    ap.add_argument("--out", help="results JSON (default bench/results/accuracy.json; the PNG goes next to it)")
+    ap.add_argument("--resume", action="store_true", help="keep what the JSON already holds, run the rest")
+    ap.add_argument("--table", metavar="JSON", help="print the results table of a finished run and exit")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (1 avoids OpenMP stalls on small shared machines)")
+    args = ap.parse_args()
+    if args.table:
+        print(table(json.loads(Path(args.table).read_text())))
+        return
+    torch.set_num_threads(args.threads)
+    Study(args).run()
+
+
+if __name__ == "__main__":
+    main()
