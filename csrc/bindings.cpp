@@ -1,0 +1,126 @@
+// Python bindings of the OScaR kernels: argument checks, then the launchers in kernels.h.
+#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/extension.h>
+
+#include "kernels.h"
+
+namespace {
+
+#define CHECK_T(x, dt)                                                                        \
+  TORCH_CHECK((x).is_cuda(), #x " must be a CUDA tensor");                                    \
+  TORCH_CHECK((x).is_contiguous(), #x " must be contiguous");                                 \
+  TORCH_CHECK((x).scalar_type() == (dt), #x " has dtype ", (x).scalar_type(), ", expected ", (dt)); \
+  TORCH_CHECK(reinterpret_cast<uintptr_t>((x).data_ptr()) % 16 == 0, #x " must be 16-byte aligned")
+
+bool model_dtype(const torch::Tensor& x) {
+  TORCH_CHECK(x.scalar_type() == torch::kBFloat16 || x.scalar_type() == torch::kHalf,
+              "model tensors must be bfloat16 or float16, got ", x.scalar_type());
+  return x.scalar_type() == torch::kBFloat16;
+}
+
+void check_pool(const torch::Tensor& kc, const torch::Tensor& ks, const torch::Tensor& kz, const torch::Tensor& vc,
+                const torch::Tensor& vs, const torch::Tensor& vz, const torch::Tensor& kn, int H, int P, int D,
+                int bits) {
+  CHECK_T(kc, torch::kInt32); CHECK_T(ks, torch::kHalf); CHECK_T(kz, torch::kHalf);
+  CHECK_T(vc, torch::kInt32); CHECK_T(vs, torch::kHalf); CHECK_T(vz, torch::kHalf);
+  CHECK_T(kn, torch::kFloat32);
+  const int64_t n = kc.size(0);
+  TORCH_CHECK(kc.dim() == 5 && kc.size(1) == H && kc.size(2) == P / 32 && kc.size(3) == D && kc.size(4) == bits,
+              "k_codes must be [pages, H, P/32, D, bits]");
+  TORCH_CHECK(ks.sizes() == torch::IntArrayRef({n, H, P / 32, D}) && kz.sizes() == ks.sizes(),
+              "k_scale/k_zero must be [pages, H, P/32, D]");
+  TORCH_CHECK(vc.sizes() == torch::IntArrayRef({n, H, P, D * bits / 32}), "v_codes must be [pages, H, P, D*bits/32]");
+  TORCH_CHECK(vs.sizes() == torch::IntArrayRef({n, H, P, D / 32}) && vz.sizes() == vs.sizes(),
+              "v_scale/v_zero must be [pages, H, P, D/32]");
+  TORCH_CHECK(kn.sizes() == torch::IntArrayRef({n, P}), "k_norm must be [pages, P]");
+}
+
+void store(torch::Tensor k, torch::Tensor v, torch::Tensor page_ids, torch::Tensor kc, torch::Tensor ks,
+           torch::Tensor kz, torch::Tensor vc, torch::Tensor vs, torch::Tensor vz, torch::Tensor kn, int64_t bits,
+           bool rotate, bool token_norm) {
+  const bool bf16 = model_dtype(k);
+  CHECK_T(k, k.scalar_type()); CHECK_T(v, k.scalar_type()); CHECK_T(page_ids, torch::kInt64);
+  TORCH_CHECK(k.dim() == 4 && v.sizes() == k.sizes(), "k, v must be [N, P, H, D]");
+  const int N = k.size(0), P = k.size(1), H = k.size(2), D = k.size(3);
+  TORCH_CHECK(P % 32 == 0, "page size must be a multiple of 32");
+  TORCH_CHECK(D == 64 || D == 128, "head_dim must be 64 or 128");
+  TORCH_CHECK(bits == 2 || bits == 4, "bits must be 2 or 4");
+  TORCH_CHECK(page_ids.numel() == N, "one page id per page");
+  check_pool(kc, ks, kz, vc, vs, vz, kn, H, P, D, bits);
+  const c10::cuda::CUDAGuard guard(k.device());
+  oscar::StoreParams p;
+  p.k = k.data_ptr(); p.v = v.data_ptr(); p.page_ids = page_ids.data_ptr<int64_t>();
+  p.N = N; p.P = P; p.H = H; p.rotate = rotate; p.token_norm = token_norm;
+  p.k_codes = kc.data_ptr<int32_t>();
+  p.k_scale = reinterpret_cast<__half*>(ks.data_ptr<at::Half>());
+  p.k_zero = reinterpret_cast<__half*>(kz.data_ptr<at::Half>());
+  p.v_codes = vc.data_ptr<int32_t>();
+  p.v_scale = reinterpret_cast<__half*>(vs.data_ptr<at::Half>());
+  p.v_zero = reinterpret_cast<__half*>(vz.data_ptr<at::Half>());
+  p.k_norm = kn.data_ptr<float>();
+  oscar::launch_store(p, D, bits, bf16, c10::cuda::getCurrentCUDAStream().stream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+void decode(torch::Tensor q, torch::Tensor kc, torch::Tensor ks, torch::Tensor kz, torch::Tensor vc, torch::Tensor vs,
+            torch::Tensor vz, torch::Tensor kn, torch::Tensor page_table, torch::Tensor res_k, torch::Tensor res_v,
+            torch::Tensor res_rows, torch::Tensor res_len, torch::Tensor items, torch::Tensor item_start,
+            torch::Tensor part_o, torch::Tensor part_lse, torch::Tensor out, int64_t num_items, int64_t q_chunks,
+            double sm_scale, int64_t bits, bool rotate, bool any_split) {
+  const bool bf16 = model_dtype(q);
+  CHECK_T(q, q.scalar_type()); CHECK_T(out, q.scalar_type());
+  CHECK_T(res_k, q.scalar_type()); CHECK_T(res_v, q.scalar_type());
+  TORCH_CHECK(q.dim() == 3 && out.sizes() == q.sizes(), "q and out must be [B, Hq, D]");
+  TORCH_CHECK(res_k.dim() == 4 && res_v.sizes() == res_k.sizes(), "res_k/res_v must be [R, P, H, D]");
+  const int B = q.size(0), Hq = q.size(1), D = q.size(2);
+  const int P = res_k.size(1), H = res_k.size(2);
+  TORCH_CHECK(res_k.size(3) == D, "head_dim mismatch between q and residual");
+  TORCH_CHECK(D == 64 || D == 128, "head_dim must be 64 or 128");
+  TORCH_CHECK(P == 32 || P == 64 || P == 128, "page size must be 32, 64 or 128");
+  TORCH_CHECK(Hq % H == 0, "query heads must be a multiple of KV heads");
+  TORCH_CHECK(bits == 2 || bits == 4, "bits must be 2 or 4");
+  check_pool(kc, ks, kz, vc, vs, vz, kn, H, P, D, bits);
+  TORCH_CHECK(page_table.is_cuda() && page_table.scalar_type() == torch::kInt32 && page_table.dim() == 2 &&
+                  page_table.stride(1) == 1 && page_table.size(0) >= B,
+              "page_table must be a CUDA int32 [B, max_pages] tensor with unit column stride");
+  CHECK_T(res_rows, torch::kInt64); CHECK_T(res_len, torch::kInt32);
+  CHECK_T(items, torch::kInt32); CHECK_T(item_start, torch::kInt32);
+  CHECK_T(part_o, torch::kFloat32); CHECK_T(part_lse, torch::kFloat32);
+  TORCH_CHECK(items.numel() >= num_items * 4 && item_start.numel() >= B + 1, "plan tensors too small");
+  TORCH_CHECK(part_o.numel() >= num_items * Hq * D && part_lse.numel() >= num_items * Hq, "workspace too small");
+  const c10::cuda::CUDAGuard guard(q.device());
+  oscar::DecodeParams p;
+  p.q = q.data_ptr();
+  p.k_codes = kc.data_ptr<int32_t>();
+  p.k_scale = reinterpret_cast<const __half*>(ks.data_ptr<at::Half>());
+  p.k_zero = reinterpret_cast<const __half*>(kz.data_ptr<at::Half>());
+  p.v_codes = vc.data_ptr<int32_t>();
+  p.v_scale = reinterpret_cast<const __half*>(vs.data_ptr<at::Half>());
+  p.v_zero = reinterpret_cast<const __half*>(vz.data_ptr<at::Half>());
+  p.k_norm = kn.data_ptr<float>();
+  p.page_table = page_table.data_ptr<int32_t>();
+  p.page_table_stride = page_table.stride(0);
+  p.res_k = res_k.data_ptr(); p.res_v = res_v.data_ptr();
+  p.res_rows = res_rows.data_ptr<int64_t>(); p.res_len = res_len.data_ptr<int32_t>();
+  p.items = items.data_ptr<int32_t>(); p.item_start = item_start.data_ptr<int32_t>();
+  p.part_o = part_o.data_ptr<float>(); p.part_lse = part_lse.data_ptr<float>();
+  p.out = out.data_ptr();
+  p.B = B; p.Hq = Hq; p.H = H; p.P = P; p.num_items = num_items; p.q_chunks = q_chunks;
+  p.sm_scale = float(sm_scale); p.rotate = rotate; p.any_split = any_split;
+  oscar::launch_decode(p, D, bits, bf16, c10::cuda::getCurrentCUDAStream().stream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+int64_t blocks_per_sm(int64_t head_dim, int64_t bits, bool bf16) {
+  return oscar::decode_blocks_per_sm(head_dim, bits, bf16);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "OScaR packed KV-cache kernels: fused store and paged split-KV decode attention";
+  m.def("store", &store, "pack full pages into the pool (in place)");
+  m.def("decode", &decode, "paged split-KV decode attention over packed pages + residual");
+  m.def("blocks_per_sm", &blocks_per_sm, "resident decode CTAs per SM for a (head_dim, bits, dtype)");
+}

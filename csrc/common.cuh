@@ -1,0 +1,128 @@
+// Small device helpers shared by the OScaR kernels: dtype traits, tensor-core MMA, code unpacking,
+// and the mbarrier / bulk-copy primitives of sm_90.
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <stdint.h>
+
+namespace oscar {
+
+template <typename T> struct DT;
+template <> struct DT<__half> {
+  static __device__ __forceinline__ float to_f(__half x) { return __half2float(x); }
+  static __device__ __forceinline__ __half from_f(float x) { return __float2half_rn(x); }
+  static __device__ __forceinline__ uint32_t pack(float a, float b) {
+    __half2 h = __floats2half2_rn(a, b);
+    return *reinterpret_cast<uint32_t*>(&h);
+  }
+};
+template <> struct DT<__nv_bfloat16> {
+  static __device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
+  static __device__ __forceinline__ __nv_bfloat16 from_f(float x) { return __float2bfloat16_rn(x); }
+  static __device__ __forceinline__ uint32_t pack(float a, float b) {
+    __nv_bfloat162 h = __floats2bfloat162_rn(a, b);
+    return *reinterpret_cast<uint32_t*>(&h);
+  }
+};
+
+// D = A*B + C for one m16n8k16 tile, fp32 accumulate. Only rows 0..7 of A are ever non-zero here
+// (at most 8 query heads per CTA), so a1/a3 are passed as 0 and d2/d3 are discarded.
+template <typename T>
+__device__ __forceinline__ void mma_rows8(float (&c)[2], uint32_t a0, uint32_t a2, uint32_t b0, uint32_t b1);
+template <>
+__device__ __forceinline__ void mma_rows8<__half>(float (&c)[2], uint32_t a0, uint32_t a2, uint32_t b0, uint32_t b1) {
+  float j0, j1;  // rows 8..15 of D: unused
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%10,%11};\n"
+               : "+f"(c[0]), "+f"(c[1]), "=f"(j0), "=f"(j1)
+               : "r"(a0), "r"(0u), "r"(a2), "r"(0u), "r"(b0), "r"(b1), "f"(0.f), "f"(0.f));
+}
+template <>
+__device__ __forceinline__ void mma_rows8<__nv_bfloat16>(float (&c)[2], uint32_t a0, uint32_t a2, uint32_t b0, uint32_t b1) {
+  float j0, j1;  // rows 8..15 of D: unused
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%10,%11};\n"
+               : "+f"(c[0]), "+f"(c[1]), "=f"(j0), "=f"(j1)
+               : "r"(a0), "r"(0u), "r"(a2), "r"(0u), "r"(b0), "r"(b1), "f"(0.f), "f"(0.f));
+}
+// Full 16x8 tile (used for O^T = V^T P^T: 16 channel rows, 8 head columns).
+template <typename T>
+__device__ __forceinline__ void mma_full(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0, uint32_t b1);
+template <>
+__device__ __forceinline__ void mma_full<__half>(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0, uint32_t b1) {
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+               : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+               : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+template <>
+__device__ __forceinline__ void mma_full<__nv_bfloat16>(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0, uint32_t b1) {
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+               : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+               : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ uint32_t prmt(uint32_t a, uint32_t b, uint32_t sel) {
+  uint32_t r;
+  asm("prmt.b32 %0, %1, %2, %3;\n" : "=r"(r) : "r"(a), "r"(b), "r"(sel));
+  return r;
+}
+
+// Dequantize a pair of codes into a half2. `r` holds one BITS-bit code at bit q of each 16-bit half
+// (q is a compile-time constant once the caller's loop is unrolled). The code is moved to the top
+// of an fp16 mantissa with exponent 0 (value 1 + c * 2^-BITS, exact), so
+// code*s + z = x * (s * 2^BITS) + (z - s * 2^BITS): one shift, one LOP3, one HFMA2.
+template <int BITS>
+__device__ __forceinline__ uint32_t dq_pair(uint32_t r, int q, uint32_t m, uint32_t zp) {
+  constexpr int P = 10 - BITS;
+  constexpr uint32_t mask = ((1u << BITS) - 1u) << P;
+  const uint32_t t = (q <= P) ? (r << (P - q)) : (r >> (q - P));
+  const uint32_t x = (t & (mask | (mask << 16))) | 0x3C003C00u;
+  __half2 y = __hfma2(*reinterpret_cast<const __half2*>(&x), *reinterpret_cast<const __half2*>(&m),
+                      *reinterpret_cast<const __half2*>(&zp));
+  return *reinterpret_cast<uint32_t*>(&y);
+}
+
+// (s, z) fp16 pairs -> (m, z') with m = s * 2^BITS (exact) and z' = z - m (one fp16 rounding).
+template <int BITS>
+__device__ __forceinline__ void scale_pair(uint32_t s, uint32_t z, uint32_t& m, uint32_t& zp) {
+  const __half2 f = __float2half2_rn(float(1 << BITS));
+  __half2 mm = __hmul2(*reinterpret_cast<const __half2*>(&s), f);
+  __half2 zz = __hsub2(*reinterpret_cast<const __half2*>(&z), mm);
+  m = *reinterpret_cast<uint32_t*>(&mm);
+  zp = *reinterpret_cast<uint32_t*>(&zz);
+}
+
+__device__ __forceinline__ uint32_t pack_h2(__half a, __half b) {
+  return uint32_t(__half_as_ushort(a)) | (uint32_t(__half_as_ushort(b)) << 16);
+}
+
+// ---- mbarrier + bulk async copy (sm_90) ----
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+__device__ __forceinline__ void mbar_init(uint64_t* bar, uint32_t count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_addr(bar)), "r"(count));
+}
+__device__ __forceinline__ void mbar_fence_init() {
+  asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+}
+__device__ __forceinline__ void mbar_expect_tx(uint64_t* bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_addr(bar)), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
+  asm volatile(
+      "{\n"
+      ".reg .pred p;\n"
+      "WAIT_%=:\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n"
+      "@!p bra WAIT_%=;\n"
+      "}\n" ::"r"(smem_addr(bar)),
+      "r"(parity)
+      : "memory");
+}
+__device__ __forceinline__ void bulk_g2s(void* dst, const void* src, uint32_t bytes, uint64_t* bar) {
+  asm volatile(
+      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(smem_addr(dst)),
+      "l"(src), "r"(bytes), "r"(smem_addr(bar))
+      : "memory");
+}
+
+}  // namespace oscar

@@ -1,0 +1,473 @@
+// Paged split-KV decode attention over OScaR packed pages (+ the request's raw partial last page).
+//
+// One CTA = (work item, KV head, chunk of <= 8 query heads). A work item is a run of one request's
+// packed pages; the residual (raw partial page) is folded into the request's last item. Pages stream
+// into shared memory with sm_90 bulk copies (7 contiguous runs per page: one per layout field) in a
+// STAGES-deep ring of 128-token stages; each of the 4 warps takes one 32-token chunk (= one K group)
+// of a stage and keeps its own online-softmax state; the warps merge at the end, and split requests
+// are merged by a small combine kernel.
+//
+// Tensor cores, dequantizing straight into MMA fragments:
+//   S   = Q' K^T   (A = rotated, max-normalized fp16 queries, rows = heads; B = dequantized K)
+//   O^T = V^T P^T  (A = dequantized V, rows = channels; B = P, taken from S's accumulators)
+// Token order inside a chunk is permuted so that each thread's fragments come from few whole
+// words: S column j of n-tile i is token 4*j + i; the PV k-index follows from that (see below).
+#include <cuda_runtime.h>
+#include <math.h>
+
+#include "common.cuh"
+#include "hadacore/hadacore.cuh"
+#include "kernels.h"
+
+namespace oscar {
+namespace {
+
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr int kWarps = 4;
+
+template <int D, int BITS>
+struct Geo {
+  // One stage = 128 tokens of one KV head (4 K groups), fields in layout order.
+  static constexpr int KC_B = 4 * D * BITS * 4;
+  static constexpr int KS_B = 4 * D * 2;
+  static constexpr int VC_B = 128 * D * BITS / 8;
+  static constexpr int VS_B = 128 * (D / 32) * 2;
+  static constexpr int KN_B = 128 * 4;
+  static constexpr int OFF_KS = KC_B;
+  static constexpr int OFF_KZ = OFF_KS + KS_B;
+  static constexpr int OFF_VC = OFF_KZ + KS_B;
+  static constexpr int OFF_VS = OFF_VC + VC_B;
+  static constexpr int OFF_VZ = OFF_VS + VS_B;
+  static constexpr int OFF_KN = OFF_VZ + VS_B;
+  static constexpr int STAGE_B = OFF_KN + KN_B;
+  static constexpr int STAGES = BITS == 2 ? 4 : 3;
+  static constexpr int Q_OFF = STAGES * STAGE_B;   // fp16 q' [8][D]
+  static constexpr int QR_OFF = Q_OFF + 8 * D * 2;  // raw q [8][D] (model dtype)
+  static constexpr int QS_OFF = QR_OFF + 8 * D * 2; // fp32 logit scale per head [8]
+  static constexpr int BAR_OFF = QS_OFF + 32;
+  static constexpr int SMEM = BAR_OFF + STAGES * 8;
+  static constexpr int MIN_BLOCKS = BITS == 2 ? 4 : 3;
+  static_assert(kWarps * 8 * D * 4 + 2 * kWarps * 8 * 4 <= STAGES * STAGE_B, "merge scratch must fit in the ring");
+};
+
+// Online softmax over one chunk's S (rows = heads gid, 8 tokens per thread). Leaves exp2 weights in S
+// and rescales O^T (whose columns are heads 2*tig, 2*tig+1).
+template <int D>
+__device__ __forceinline__ void softmax_step(float (&S)[4][2], float& m_run, float& l_run, float (&O)[D / 16][4],
+                                             int tig) {
+  float mx = -INFINITY;
+#pragma unroll
+  for (int j = 0; j < 4; ++j) mx = fmaxf(mx, fmaxf(S[j][0], S[j][1]));
+  mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+  mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+  const float m_new = fmaxf(m_run, mx);
+  const float alpha = exp2f(m_run - m_new);
+  float sum = 0.f;
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    S[j][0] = exp2f(S[j][0] - m_new);
+    S[j][1] = exp2f(S[j][1] - m_new);
+    sum += S[j][0] + S[j][1];
+  }
+  l_run = l_run * alpha + sum;
+  m_run = m_new;
+  const float a0 = __shfl_sync(0xffffffffu, alpha, 8 * tig);      // head 2*tig lives in lanes gid = 2*tig
+  const float a1 = __shfl_sync(0xffffffffu, alpha, 8 * tig + 4);  // head 2*tig + 1
+#pragma unroll
+  for (int mt = 0; mt < D / 16; ++mt) {
+    O[mt][0] *= a0;
+    O[mt][1] *= a1;
+    O[mt][2] *= a0;
+    O[mt][3] *= a1;
+  }
+}
+
+// One packed 32-token chunk (= one K group) from a shared-memory stage.
+template <int D, int BITS>
+__device__ __forceinline__ void packed_chunk(const unsigned char* st, int c, const uint2 (&qa)[D / 16], float qsc,
+                                             float (&O)[D / 16][4], float& m_run, float& l_run, int gid, int tig) {
+  using G = Geo<D, BITS>;
+  const uint32_t* kc = reinterpret_cast<const uint32_t*>(st) + c * D * BITS;
+  const __half* ksc = reinterpret_cast<const __half*>(st + G::OFF_KS) + c * D;
+  const __half* kzr = reinterpret_cast<const __half*>(st + G::OFF_KZ) + c * D;
+  const uint32_t* vc = reinterpret_cast<const uint32_t*>(st + G::OFF_VC) + c * 32 * (D * BITS / 32);
+  const __half* vsc = reinterpret_cast<const __half*>(st + G::OFF_VS) + c * 32 * (D / 32);
+  const __half* vzr = reinterpret_cast<const __half*>(st + G::OFF_VZ) + c * 32 * (D / 32);
+  const float* kn = reinterpret_cast<const float*>(st + G::OFF_KN) + c * 32;
+
+  // ---- S = Q' K^T. Thread (gid, tig) supplies B for tokens 4*gid + j (j = n-tile) and channels
+  // 16*ks + 4*tig + {0,1 | 2,3}: its 4 tokens sit in one byte (2-bit) / one half-word (4-bit) of a
+  // channel's word; one PRMT pairs two channels' bytes, then each token is a shift + mask away.
+  float S[4][2];
+#pragma unroll
+  for (int j = 0; j < 4; ++j) S[j][0] = S[j][1] = 0.f;
+  const int wi = (gid * BITS) >> 3;
+  const uint32_t sel = (BITS == 2) ? (((gid & 3) << 4) | ((4 + (gid & 3)) << 12)) : ((gid & 1) ? 0x7632u : 0x5410u);
+#pragma unroll
+  for (int kt = 0; kt < D / 16; ++kt) {
+    const int d0 = 16 * kt + 4 * tig;
+    const uint2 s4 = *reinterpret_cast<const uint2*>(ksc + d0);
+    const uint2 z4 = *reinterpret_cast<const uint2*>(kzr + d0);
+    uint32_t m01, z01, m23, z23;
+    scale_pair<BITS>(s4.x, z4.x, m01, z01);
+    scale_pair<BITS>(s4.y, z4.y, m23, z23);
+    const uint32_t w0 = kc[(d0 + 0) * BITS + wi], w1 = kc[(d0 + 1) * BITS + wi];
+    const uint32_t w2 = kc[(d0 + 2) * BITS + wi], w3 = kc[(d0 + 3) * BITS + wi];
+    const uint32_t r01 = prmt(w0, w1, sel), r23 = prmt(w2, w3, sel);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int q = (BITS == 2) ? 8 + 2 * j : 4 * j;
+      const uint32_t b0 = dq_pair<BITS>(r01, q, m01, z01);
+      const uint32_t b1 = dq_pair<BITS>(r23, q, m23, z23);
+      mma_rows8<__half>(S[j], qa[kt].x, qa[kt].y, b0, b1);
+    }
+  }
+  // logits: S[j][0] is token 8*tig + j, S[j][1] token 8*tig + 4 + j; times the token norm.
+  const float4 n0 = *reinterpret_cast<const float4*>(kn + 8 * tig);
+  const float4 n1 = *reinterpret_cast<const float4*>(kn + 8 * tig + 4);
+  const float nn0[4] = {n0.x, n0.y, n0.z, n0.w}, nn1[4] = {n1.x, n1.y, n1.z, n1.w};
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    S[j][0] *= nn0[j] * qsc;
+    S[j][1] *= nn1[j] * qsc;
+  }
+  softmax_step<D>(S, m_run, l_run, O, tig);
+
+  // ---- O^T += V^T P^T. PV k-step kk, k-index 2*tig + {0,1} = tokens 8*tig + 2*kk + {0, 4},
+  // 2*tig + 8 + {0,1} = tokens 8*tig + 2*kk + 1 + {0, 4}. Thread gid owns channels
+  // (D/8)*gid .. +D/8 (rows gid / gid+8 of m-tile mt = its channels 2*mt / 2*mt+1).
+  constexpr int TB = D / 8 * BITS;          // code bits per token owned by this thread: 16, 32, 64
+  constexpr int NWT = TB >= 32 ? TB / 32 : 1;
+  constexpr int WPT = D * BITS / 32;        // words per token
+  constexpr int NH = TB / 16, CPH = 16 / BITS;
+  const int bitoff = (D / 8) * gid * BITS;
+  const int woff = bitoff >> 5, vshift = bitoff & 31;
+  uint32_t vw[8][NWT];
+#pragma unroll
+  for (int i = 0; i < 8; ++i)
+#pragma unroll
+    for (int u = 0; u < NWT; ++u) {
+      vw[i][u] = vc[(8 * tig + i) * WPT + woff + u];
+      if (TB == 16) vw[i][u] >>= vshift;
+    }
+  const int cg = (D / 8 * gid) >> 5;
+  __half sv[8], zv[8];
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    sv[i] = vsc[(8 * tig + i) * (D / 32) + cg];
+    zv[i] = vzr[(8 * tig + i) * (D / 32) + cg];
+  }
+#pragma unroll
+  for (int kk = 0; kk < 2; ++kk) {
+    const uint32_t pb0 = DT<__half>::pack(S[2 * kk][0], S[2 * kk][1]);
+    const uint32_t pb1 = DT<__half>::pack(S[2 * kk + 1][0], S[2 * kk + 1][1]);
+    uint32_t mA, zA, mB, zB;
+    scale_pair<BITS>(pack_h2(sv[2 * kk], sv[2 * kk + 4]), pack_h2(zv[2 * kk], zv[2 * kk + 4]), mA, zA);
+    scale_pair<BITS>(pack_h2(sv[2 * kk + 1], sv[2 * kk + 5]), pack_h2(zv[2 * kk + 1], zv[2 * kk + 5]), mB, zB);
+    uint32_t X0[D / 8], X1[D / 8];
+#pragma unroll
+    for (int hh = 0; hh < NH; ++hh) {
+      const uint32_t hsel = (hh & 1) ? 0x7632u : 0x5410u;
+      const uint32_t r0 = prmt(vw[2 * kk][hh >> 1], vw[2 * kk + 4][hh >> 1], hsel);
+      const uint32_t r1 = prmt(vw[2 * kk + 1][hh >> 1], vw[2 * kk + 5][hh >> 1], hsel);
+#pragma unroll
+      for (int cc = 0; cc < CPH; ++cc) {
+        X0[hh * CPH + cc] = dq_pair<BITS>(r0, BITS * cc, mA, zA);
+        X1[hh * CPH + cc] = dq_pair<BITS>(r1, BITS * cc, mB, zB);
+      }
+    }
+#pragma unroll
+    for (int mt = 0; mt < D / 16; ++mt)
+      mma_full<__half>(O[mt], X0[2 * mt], X0[2 * mt + 1], X1[2 * mt], X1[2 * mt + 1], pb0, pb1);
+  }
+}
+
+// The raw residual: chunk w of the request's partial page, in the model dtype (exact products).
+template <typename T, int D>
+__device__ __forceinline__ void residual_chunk(const DecodeParams& p, int64_t row, int h, int rl, int w,
+                                               const T* qr_s, float (&O)[D / 16][4], float& m_run, float& l_run,
+                                               int gid, int tig) {
+  const T* rk = static_cast<const T*>(p.res_k);
+  const T* rv = static_cast<const T*>(p.res_v);
+  const int64_t tstride = int64_t(p.H) * D;
+  const T* kbase = rk + (row * p.P) * tstride + int64_t(h) * D;
+  const T* vbase = rv + (row * p.P) * tstride + int64_t(h) * D;
+  float S[4][2];
+#pragma unroll
+  for (int j = 0; j < 4; ++j) S[j][0] = S[j][1] = 0.f;
+#pragma unroll
+  for (int kt = 0; kt < D / 16; ++kt) {
+    const int d0 = 16 * kt + 4 * tig;
+    const uint2 qv = *reinterpret_cast<const uint2*>(qr_s + gid * D + d0);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int t = 32 * w + 4 * gid + j;
+      const uint2 kv = t < rl ? *reinterpret_cast<const uint2*>(kbase + t * tstride + d0) : make_uint2(0u, 0u);
+      mma_rows8<T>(S[j], qv.x, qv.y, kv.x, kv.y);
+    }
+  }
+  const float sc = p.sm_scale * kLog2e;
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const int t0 = 32 * w + 8 * tig + j;
+    S[j][0] = t0 < rl ? S[j][0] * sc : -INFINITY;
+    S[j][1] = t0 + 4 < rl ? S[j][1] * sc : -INFINITY;
+  }
+  softmax_step<D>(S, m_run, l_run, O, tig);
+  constexpr int NP = D / 16;  // u32 channel pairs owned per token
+  uint32_t vr[8][NP];
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    const int t = 32 * w + 8 * tig + i;
+    const uint32_t* src = reinterpret_cast<const uint32_t*>(vbase + t * tstride + (D / 8) * gid);
+#pragma unroll
+    for (int u = 0; u < NP; u += 4) {
+      const uint4 x = t < rl ? *reinterpret_cast<const uint4*>(src + u) : make_uint4(0u, 0u, 0u, 0u);
+      vr[i][u] = x.x;
+      if (u + 1 < NP) vr[i][u + 1] = x.y;
+      if (u + 2 < NP) vr[i][u + 2] = x.z;
+      if (u + 3 < NP) vr[i][u + 3] = x.w;
+    }
+  }
+#pragma unroll
+  for (int kk = 0; kk < 2; ++kk) {
+    const uint32_t pb0 = DT<T>::pack(S[2 * kk][0], S[2 * kk][1]);
+    const uint32_t pb1 = DT<T>::pack(S[2 * kk + 1][0], S[2 * kk + 1][1]);
+#pragma unroll
+    for (int mt = 0; mt < D / 16; ++mt) {
+      const uint32_t a0 = prmt(vr[2 * kk][mt], vr[2 * kk + 4][mt], 0x5410u);
+      const uint32_t a1 = prmt(vr[2 * kk][mt], vr[2 * kk + 4][mt], 0x7632u);
+      const uint32_t a2 = prmt(vr[2 * kk + 1][mt], vr[2 * kk + 5][mt], 0x5410u);
+      const uint32_t a3 = prmt(vr[2 * kk + 1][mt], vr[2 * kk + 5][mt], 0x7632u);
+      mma_full<T>(O[mt], a0, a1, a2, a3, pb0, pb1);
+    }
+  }
+}
+
+template <typename T, int D, int BITS>
+__global__ void __launch_bounds__(kWarps * 32, Geo<D, BITS>::MIN_BLOCKS) decode_kernel(const DecodeParams p) {
+  using G = Geo<D, BITS>;
+  constexpr int E = D / 32;
+  extern __shared__ __align__(128) unsigned char smem[];
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, gid = lane >> 2, tig = lane & 3;
+  const int item = blockIdx.x;
+  const int h = blockIdx.y / p.q_chunks, qc = blockIdx.y % p.q_chunks;
+  const int4 it = reinterpret_cast<const int4*>(p.items)[item];
+  const int b = it.x, pg0 = it.y, pg1 = it.z, flags = it.w;
+  const int grp = p.Hq / p.H;
+  const int hq0 = h * grp + qc * 8;
+  const int NQ = min(8, grp - qc * 8);
+  const int P = p.P, PPS = 128 / P;
+  const int nstages = (pg1 - pg0 + PPS - 1) / PPS;
+  uint64_t* bars = reinterpret_cast<uint64_t*>(smem + G::BAR_OFF);
+  __half* q_s = reinterpret_cast<__half*>(smem + G::Q_OFF);
+  T* qr_s = reinterpret_cast<T*>(smem + G::QR_OFF);
+  float* qsc_s = reinterpret_cast<float*>(smem + G::QS_OFF);
+
+  const uint32_t kc_pg = (P / 32) * D * BITS * 4, ks_pg = (P / 32) * D * 2;
+  const uint32_t vc_pg = P * D * BITS / 8, vs_pg = P * (D / 32) * 2, kn_pg = P * 4;
+  const uint32_t page_bytes = kc_pg + 2 * ks_pg + vc_pg + 2 * vs_pg + kn_pg;
+  const int32_t* ptab = p.page_table + int64_t(b) * p.page_table_stride;
+
+  // Warp 0 issues a stage: lane i copies page i of it (7 runs, one per field).
+  auto issue = [&](int s, int pid) {
+    const int first = pg0 + s * PPS;
+    const int np = min(PPS, pg1 - first);
+    unsigned char* base = smem + (s % G::STAGES) * G::STAGE_B;
+    uint64_t* bar = bars + (s % G::STAGES);
+    if (lane == 0) mbar_expect_tx(bar, np * page_bytes);
+    __syncwarp();
+    if (lane < np) {
+      const int64_t ph = int64_t(pid) * p.H + h;
+      bulk_g2s(base + lane * kc_pg, p.k_codes + ph * (kc_pg / 4), kc_pg, bar);
+      bulk_g2s(base + G::OFF_KS + lane * ks_pg, p.k_scale + ph * (ks_pg / 2), ks_pg, bar);
+      bulk_g2s(base + G::OFF_KZ + lane * ks_pg, p.k_zero + ph * (ks_pg / 2), ks_pg, bar);
+      bulk_g2s(base + G::OFF_VC + lane * vc_pg, p.v_codes + ph * (vc_pg / 4), vc_pg, bar);
+      bulk_g2s(base + G::OFF_VS + lane * vs_pg, p.v_scale + ph * (vs_pg / 2), vs_pg, bar);
+      bulk_g2s(base + G::OFF_VZ + lane * vs_pg, p.v_zero + ph * (vs_pg / 2), vs_pg, bar);
+      bulk_g2s(base + G::OFF_KN + lane * kn_pg, p.k_norm + int64_t(pid) * P, kn_pg, bar);
+    }
+  };
+  auto load_pid = [&](int s) -> int {
+    const int pg = pg0 + s * PPS + lane;
+    return (s < nstages && lane < PPS && pg < pg1) ? ptab[pg] : 0;
+  };
+
+  if (tid == 0) {
+#pragma unroll
+    for (int i = 0; i < G::STAGES; ++i) mbar_init(bars + i, 1);
+    mbar_fence_init();
+  }
+  __syncthreads();
+  int pid_next = 0;
+  if (warp == 0) {
+    for (int s = 0; s < G::STAGES && s < nstages; ++s) issue(s, load_pid(s));
+    pid_next = load_pid(G::STAGES);
+  }
+
+  // ---- queries: rotate (fp32 Hadamard), scale each head by its max |q| into fp16 for the packed
+  // MMA; keep the raw model-dtype copy for the residual.
+  for (int lh = warp; lh < 8; lh += kWarps) {
+    float x[E];
+    if (lh < NQ) {
+      const T* qp = static_cast<const T*>(p.q) + (int64_t(b) * p.Hq + hq0 + lh) * D + lane * E;
+#pragma unroll
+      for (int i = 0; i < E; ++i) {
+        qr_s[lh * D + lane * E + i] = qp[i];
+        x[i] = DT<T>::to_f(qp[i]);
+      }
+    } else {
+#pragma unroll
+      for (int i = 0; i < E; ++i) {
+        qr_s[lh * D + lane * E + i] = DT<T>::from_f(0.f);
+        x[i] = 0.f;
+      }
+    }
+    if (p.rotate) hadacore::warp_fwht<E>(x, hadacore::inv_sqrt_pow2(D));
+    float mx = 0.f;
+#pragma unroll
+    for (int i = 0; i < E; ++i) mx = fmaxf(mx, fabsf(x[i]));
+#pragma unroll
+    for (int m = 16; m; m >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, m));
+    if (!(mx > 0.f) || !isfinite(mx)) mx = 1.f;
+    const float inv = 1.f / mx;
+#pragma unroll
+    for (int i = 0; i < E; ++i) q_s[lh * D + lane * E + i] = __float2half_rn(x[i] * inv);
+    if (lane == 0) qsc_s[lh] = mx * p.sm_scale * kLog2e;
+  }
+  __syncthreads();
+  uint2 qa[D / 16];
+#pragma unroll
+  for (int kt = 0; kt < D / 16; ++kt) qa[kt] = *reinterpret_cast<const uint2*>(q_s + gid * D + 16 * kt + 4 * tig);
+  const float qsc = qsc_s[gid];
+
+  float O[D / 16][4];
+#pragma unroll
+  for (int mt = 0; mt < D / 16; ++mt) O[mt][0] = O[mt][1] = O[mt][2] = O[mt][3] = 0.f;
+  float m_run = -INFINITY, l_run = 0.f;
+
+  for (int s = 0; s < nstages; ++s) {
+    const int slot = s % G::STAGES;
+    mbar_wait(bars + slot, (s / G::STAGES) & 1);
+    const int np = min(PPS, pg1 - (pg0 + s * PPS));
+    if (warp * 32 < np * P)
+      packed_chunk<D, BITS>(smem + slot * G::STAGE_B, warp, qa, qsc, O, m_run, l_run, gid, tig);
+    __syncthreads();  // the slot is free again
+    if (warp == 0 && s + G::STAGES < nstages) {
+      issue(s + G::STAGES, pid_next);
+      pid_next = load_pid(s + G::STAGES + 1);
+    }
+  }
+  if (flags & kItemResidual) {
+    const int rl = p.res_len[b];
+    if (warp * 32 < rl) residual_chunk<T, D>(p, p.res_rows[b], h, rl, warp, qr_s, O, m_run, l_run, gid, tig);
+  }
+
+  // ---- merge the 4 warps' states (scratch reuses the stage ring: every copy has landed).
+  l_run += __shfl_xor_sync(0xffffffffu, l_run, 1);
+  l_run += __shfl_xor_sync(0xffffffffu, l_run, 2);
+  __syncthreads();
+  float* red_o = reinterpret_cast<float*>(smem);
+  float* red_m = red_o + kWarps * 8 * D;
+  float* red_l = red_m + kWarps * 8;
+  if (tig == 0) {
+    red_m[warp * 8 + gid] = m_run;
+    red_l[warp * 8 + gid] = l_run;
+  }
+#pragma unroll
+  for (int mt = 0; mt < D / 16; ++mt) {
+    const int ch = (D / 8) * gid + 2 * mt;
+    red_o[(warp * 8 + 2 * tig) * D + ch] = O[mt][0];
+    red_o[(warp * 8 + 2 * tig + 1) * D + ch] = O[mt][1];
+    red_o[(warp * 8 + 2 * tig) * D + ch + 1] = O[mt][2];
+    red_o[(warp * 8 + 2 * tig + 1) * D + ch + 1] = O[mt][3];
+  }
+  __syncthreads();
+  for (int idx = tid; idx < NQ * D; idx += kWarps * 32) {
+    const int hh = idx / D, d = idx % D;
+    float M = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) M = fmaxf(M, red_m[w * 8 + hh]);
+    float L = 0.f, o = 0.f;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) {
+      const float f = exp2f(red_m[w * 8 + hh] - M);
+      L += red_l[w * 8 + hh] * f;
+      o += red_o[(w * 8 + hh) * D + d] * f;
+    }
+    o /= L;
+    const int64_t hq = hq0 + hh;
+    if (flags & kItemSole) {
+      static_cast<T*>(p.out)[(int64_t(b) * p.Hq + hq) * D + d] = DT<T>::from_f(o);
+    } else {
+      p.part_o[(int64_t(item) * p.Hq + hq) * D + d] = o;
+      if (d == 0) p.part_lse[int64_t(item) * p.Hq + hq] = M + log2f(L);
+    }
+  }
+}
+
+// Merge the split items of each request: out = sum_i 2^(lse_i - LSE) o_i.
+template <typename T, int D>
+__global__ void combine_kernel(const DecodeParams p) {
+  const int b = blockIdx.x, hq = blockIdx.y;
+  const int i0 = p.item_start[b], i1 = p.item_start[b + 1];
+  if (i1 - i0 <= 1) return;
+  float M = -INFINITY;
+  for (int i = i0; i < i1; ++i) M = fmaxf(M, p.part_lse[int64_t(i) * p.Hq + hq]);
+  float L = 0.f;
+  for (int i = i0; i < i1; ++i) L += exp2f(p.part_lse[int64_t(i) * p.Hq + hq] - M);
+  for (int d = threadIdx.x; d < D; d += blockDim.x) {
+    float o = 0.f;
+    for (int i = i0; i < i1; ++i)
+      o += exp2f(p.part_lse[int64_t(i) * p.Hq + hq] - M) * p.part_o[(int64_t(i) * p.Hq + hq) * D + d];
+    static_cast<T*>(p.out)[(int64_t(b) * p.Hq + hq) * D + d] = DT<T>::from_f(o / L);
+  }
+}
+
+template <typename T, int D, int BITS>
+void launch_decode_t(const DecodeParams& p, cudaStream_t stream) {
+  using G = Geo<D, BITS>;
+  auto kern = decode_kernel<T, D, BITS>;
+  cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, G::SMEM);
+  if (p.num_items > 0) {
+    dim3 grid(p.num_items, p.H * p.q_chunks);
+    kern<<<grid, kWarps * 32, G::SMEM, stream>>>(p);
+  }
+  if (p.any_split) combine_kernel<T, D><<<dim3(p.B, p.Hq), D, 0, stream>>>(p);
+}
+
+template <typename T, int D, int BITS>
+int blocks_per_sm_t() {
+  using G = Geo<D, BITS>;
+  auto kern = decode_kernel<T, D, BITS>;
+  cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, G::SMEM);
+  int n = 0;
+  cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kern, kWarps * 32, G::SMEM);
+  return n;
+}
+
+}  // namespace
+
+#define OSCAR_DISPATCH(FN, ...)                                                              \
+  if (bf16) {                                                                                \
+    if (head_dim == 64 && bits == 2) return FN<__nv_bfloat16, 64, 2>(__VA_ARGS__);          \
+    if (head_dim == 64 && bits == 4) return FN<__nv_bfloat16, 64, 4>(__VA_ARGS__);          \
+    if (head_dim == 128 && bits == 2) return FN<__nv_bfloat16, 128, 2>(__VA_ARGS__);        \
+    if (head_dim == 128 && bits == 4) return FN<__nv_bfloat16, 128, 4>(__VA_ARGS__);        \
+  } else {                                                                                   \
+    if (head_dim == 64 && bits == 2) return FN<__half, 64, 2>(__VA_ARGS__);                 \
+    if (head_dim == 64 && bits == 4) return FN<__half, 64, 4>(__VA_ARGS__);                 \
+    if (head_dim == 128 && bits == 2) return FN<__half, 128, 2>(__VA_ARGS__);               \
+    if (head_dim == 128 && bits == 4) return FN<__half, 128, 4>(__VA_ARGS__);               \
+  }
+
+void launch_decode(const DecodeParams& p, int head_dim, int bits, bool bf16, cudaStream_t stream) {
+  OSCAR_DISPATCH(launch_decode_t, p, stream)
+}
+
+int decode_blocks_per_sm(int head_dim, int bits, bool bf16) {
+  OSCAR_DISPATCH(blocks_per_sm_t)
+  return 0;
+}
+
+}  // namespace oscar

@@ -1,0 +1,56 @@
+// Host-side interface of the OScaR CUDA kernels (no torch headers: keeps the .cu builds light).
+#pragma once
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+namespace oscar {
+
+struct StoreParams {
+  const void* k;            // [N, P, H, D] model dtype, post-RoPE, un-rotated
+  const void* v;            // [N, P, H, D]
+  const int64_t* page_ids;  // [N]
+  int N, P, H;
+  int rotate, token_norm;
+  int32_t* k_codes;         // [pages, H, P/32, D, bits]
+  __half* k_scale;          // [pages, H, P/32, D]
+  __half* k_zero;
+  int32_t* v_codes;         // [pages, H, P, D*bits/32]
+  __half* v_scale;          // [pages, H, P, D/32]
+  __half* v_zero;
+  float* k_norm;            // [pages, P]
+};
+
+struct DecodeParams {
+  const void* q;                // [B, Hq, D] raw (un-rotated) queries
+  const int32_t* k_codes;
+  const __half* k_scale;
+  const __half* k_zero;
+  const int32_t* v_codes;
+  const __half* v_scale;
+  const __half* v_zero;
+  const float* k_norm;
+  const int32_t* page_table;    // [B, stride]
+  int64_t page_table_stride;
+  const void* res_k;            // [R, P, H, D] raw partial last pages
+  const void* res_v;
+  const int64_t* res_rows;      // [B]
+  const int32_t* res_len;       // [B], 1..P
+  const int32_t* items;         // [num_items, 4]: request, first page, end page, flags
+  const int32_t* item_start;    // [B + 1]: the items of request b are item_start[b] ..
+  float* part_o;                // [num_items, Hq, D] normalized partial outputs (split requests)
+  float* part_lse;              // [num_items, Hq] log2-sum-exp of the partials
+  void* out;                    // [B, Hq, D] model dtype
+  int B, Hq, H, P, num_items, q_chunks;
+  float sm_scale;
+  int rotate;
+  int any_split;                // some request has several items: run the combine kernel
+};
+
+enum ItemFlags { kItemResidual = 1, kItemSole = 2 };
+
+void launch_store(const StoreParams& p, int head_dim, int bits, bool bf16, cudaStream_t stream);
+void launch_decode(const DecodeParams& p, int head_dim, int bits, bool bf16, cudaStream_t stream);
+int decode_blocks_per_sm(int head_dim, int bits, bool bf16);
+
+}  // namespace oscar

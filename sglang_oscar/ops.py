@@ -1,0 +1,88 @@
+"""Loader of the CUDA extension (csrc/, libs/hadacore): JIT-built on first use, then cached.
+
+The build goes through torch.utils.cpp_extension.load for sm_90a (Hopper: the decode kernel uses
+bulk async copies and mbarriers). The build directory is $SGLANG_OSCAR_BUILD_DIR, else
+<user cache>/sglang_oscar/ext-<hash of sources>, so a changed source rebuilds and an unchanged one
+loads in a second. `available()` is False without a CUDA device; `load()` raises with the reason.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import pathlib
+import threading
+
+logger = logging.getLogger(__name__)
+
+_ROOT = pathlib.Path(__file__).resolve().parent.parent
+CSRC = _ROOT / "csrc"
+LIBS = _ROOT / "libs"
+SOURCES = ("bindings.cpp", "store.cu", "decode.cu")
+HEADERS = ("csrc/common.cuh", "csrc/kernels.h", "libs/hadacore/hadacore.cuh")
+NAME = "sglang_oscar_ext"
+CUDA_FLAGS = ["-O3", "-std=c++17", "-gencode", "arch=compute_90a,code=sm_90a", "-diag-suppress", "550",
+              "--expt-relaxed-constexpr"]
+
+_lock = threading.Lock()
+_mod = None
+
+
+def _digest() -> str:
+    h = hashlib.sha256()
+    for rel in [f"csrc/{s}" for s in SOURCES] + list(HEADERS):
+        h.update(rel.encode())
+        h.update((_ROOT / rel).read_bytes())
+    h.update(" ".join(CUDA_FLAGS).encode())
+    return h.hexdigest()[:16]
+
+
+def build_dir() -> pathlib.Path:
+    env = os.environ.get("SGLANG_OSCAR_BUILD_DIR")
+    if env:
+        d = pathlib.Path(env)
+    else:
+        cache = pathlib.Path(os.environ.get("XDG_CACHE_HOME", pathlib.Path.home() / ".cache"))
+        d = cache / "sglang_oscar" / f"ext-{_digest()}"
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def build(verbose: bool = False):
+    """Compile (or load the cached build of) the extension; works without a GPU if nvcc is present."""
+    global _mod
+    with _lock:
+        if _mod is not None:
+            return _mod
+        if not CSRC.is_dir():
+            raise RuntimeError(f"sglang_oscar CUDA sources not found at {CSRC} (install from a source checkout)")
+        from torch.utils.cpp_extension import load
+
+        d = build_dir()
+        logger.warning("sglang_oscar: loading the CUDA kernels (first use compiles them for sm_90a, "
+                       "a few minutes; cached in %s)", d)
+        _mod = load(
+            name=NAME,
+            sources=[str(CSRC / s) for s in SOURCES],
+            extra_include_paths=[str(CSRC), str(LIBS)],
+            extra_cflags=["-O3"],
+            extra_cuda_cflags=CUDA_FLAGS,
+            build_directory=str(d),
+            verbose=verbose,
+        )
+        return _mod
+
+
+def available() -> bool:
+    """True when a CUDA device is present (the kernels may still need compiling on first use)."""
+    try:
+        import torch
+        return torch.cuda.is_available()
+    except Exception:  # noqa: BLE001 - any import problem means no kernels
+        return False
+
+
+def load():
+    if not available():
+        raise RuntimeError("sglang_oscar CUDA kernels need a CUDA device (use the torch reference path)")
+    return build()

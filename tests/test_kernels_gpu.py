@@ -1,0 +1,200 @@
+"""CUDA kernels vs their torch twins on fresh random inputs (needs a CUDA device).
+
+Every output and every pool page the kernels must write is poisoned (NaN / sentinel) first.
+
+Matrix (bounded to a few minutes on one H200):
+  * decode, cheap axes in full: page {32,64,128} x (Hq,Hkv) {(32,8),(9,3),(8,8)} x head_dim {64,128}
+    x dtype {bf16,fp16} x bits {2,4} = 72 cases. Each case is a ragged batch: batch size cycles over
+    {1,3,17} and the contexts cycle over {1,31,32,33,1000,4096}, rotated per case so every length
+    meets every page size; the method cycles over oscar/quarot/kivi.
+  * decode, long contexts: 8 sampled cases with 33000-token requests (batch 1, 3 and 17, ragged),
+    covering each dtype, bits, head_dim, page size and head shape at least once.
+  * store: page {32,64,128} x (H) {8,3} x head_dim {64,128} x dtype x bits x method (oscar, kivi, quarot
+    on a subset): kernel vs quant.store_pages.
+Bounds: decode max|out - ref| <= TOL[dtype] * max|ref| with TOL = 1.2e-2 (bf16 output) / 6e-3 (fp16),
+and the mean relative error <= TOL/4. The reference dequantizes the same pool in fp32, so the bound
+measures the kernel's fp16 dequantization, fp16 P and output rounding, not the quantization itself.
+Store: codes equal except +-1 at rounding ties (fraction <= 1e-3), scales/zeros within 1 fp16 ulp,
+norms to 1e-5 relative.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+
+from sglang_oscar import layout, quant
+from sglang_oscar.config import OscarConfig
+from sglang_oscar.layout import FIELDS
+from sglang_oscar.wrapper import DecodeWrapper, decode_reference, store_pages
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+DEV = "cuda"
+TOL = {torch.bfloat16: 1.2e-2, torch.float16: 6e-3}
+CONTEXTS = (1, 31, 32, 33, 1000, 4096)
+BATCHES = (1, 3, 17)
+METHODS = ("oscar", "quarot", "kivi")
+
+
+def make_kv(n_tok, H, D, dtype, gen):
+    """Keys with per-channel offsets and a few outlier channels (what rotation and norms are for)."""
+    k = torch.randn(n_tok, H, D, generator=gen, device=DEV)
+    k = k + torch.randn(1, H, D, generator=gen, device=DEV) * 2
+    k[:, :, :: max(1, D // 8)] *= 6
+    v = torch.randn(n_tok, H, D, generator=gen, device=DEV)
+    return k.to(dtype), v.to(dtype)
+
+
+def empty_pool(num_pages, P, H, D, bits):
+    pool = {}
+    for f, (shape, dt) in layout.page_shapes(P, H, D, bits).items():
+        t = torch.empty((num_pages, *shape), dtype=dt, device=DEV)
+        if dt.is_floating_point:
+            t.fill_(float("nan"))
+        else:
+            t.fill_(0x5A5A5A5A)
+        pool[f] = t
+    return pool
+
+
+def build_case(B, contexts, P, Hq, H, D, dtype, cfg, seed):
+    gen = torch.Generator(device=DEV).manual_seed(seed)
+    n_pages = [(L - 1) // P for L in contexts]
+    res_len = [L - n * P for L, n in zip(contexts, n_pages)]
+    total = sum(n_pages)
+    num_pool = total + 5                                        # spare pages stay poisoned
+    pool = empty_pool(num_pool, P, H, D, cfg.bits)
+    perm = torch.randperm(num_pool, generator=gen, device=DEV)[:total]
+    max_pages = max(max(n_pages), 1) + 3
+    page_table = torch.full((B, max_pages), -1, dtype=torch.int32, device=DEV)
+    R = B + 2
+    rows = torch.randperm(R, generator=gen, device=DEV)[:B]
+    res_k = torch.full((R, P, H, D), float("nan"), dtype=dtype, device=DEV)
+    res_v = torch.full((R, P, H, D), float("nan"), dtype=dtype, device=DEV)
+    off = 0
+    for b, (n, rl) in enumerate(zip(n_pages, res_len)):
+        k, v = make_kv(n * P + rl, H, D, dtype, gen)
+        if n:
+            ids = perm[off:off + n]
+            page_table[b, :n] = ids.to(torch.int32)
+            packed = quant.store_pages(k[: n * P].view(n, P, H, D), v[: n * P].view(n, P, H, D), cfg)
+            for f in FIELDS:
+                pool[f][ids.long()] = packed[f]
+            off += n
+        res_k[rows[b], :rl] = k[n * P:]
+        res_v[rows[b], :rl] = v[n * P:]
+    q = (torch.randn(B, Hq, D, generator=gen, device=DEV) * 2).to(dtype)
+    return q, pool, res_k, res_v, page_table, torch.tensor(n_pages, dtype=torch.int32), rows.to(torch.int64), \
+        torch.tensor(res_len, dtype=torch.int32, device=DEV)
+
+
+def check_decode(B, contexts, P, Hq, H, D, dtype, bits, method, seed):
+    cfg = OscarConfig(method=method, bits=bits, page_size=P)
+    q, pool, res_k, res_v, pt, npg, rows, rlen = build_case(B, contexts, P, Hq, H, D, dtype, cfg, seed)
+    sm_scale = 1.0 / math.sqrt(D)
+    w = DecodeWrapper(cfg, Hq, H, D, dtype, DEV)
+    w.plan(pt, npg, rows, rlen)
+    w._part_o.fill_(float("nan"))
+    w._part_lse.fill_(float("nan"))
+    out = torch.full_like(q, float("nan"))
+    w.run(q, pool, res_k, res_v, sm_scale, out=out)
+    ref = decode_reference(q, pool, res_k, res_v, sm_scale, pt, npg, rows, rlen.cpu(), cfg).float()
+    got = out.float()
+    assert torch.isfinite(got).all(), "kernel left unwritten / non-finite outputs"
+    err = (got - ref).abs()
+    scale = ref.abs().amax().clamp_min(1e-6)
+    max_rel = float(err.max() / scale)
+    mean_rel = float(err.mean() / ref.abs().mean().clamp_min(1e-6))
+    tag = f"B={B} ctx={contexts[:4]}{'...' if len(contexts) > 4 else ''} P={P} Hq/H={Hq}/{H} D={D} " \
+          f"{str(dtype)[6:]} {method}-{bits} items={w._plan['n_items']}"
+    print(f"decode {tag}: max_rel={max_rel:.2e} mean_rel={mean_rel:.2e}")
+    assert max_rel <= TOL[dtype], f"{tag}: max_rel {max_rel:.3e} > {TOL[dtype]}"
+    assert mean_rel <= TOL[dtype] / 4, f"{tag}: mean_rel {mean_rel:.3e}"
+
+
+SMALL = list(itertools.product((32, 64, 128), ((32, 8), (9, 3), (8, 8)), (64, 128),
+                               (torch.bfloat16, torch.float16), (2, 4)))
+
+
+@pytest.mark.parametrize("i", range(len(SMALL)))
+def test_decode_matrix(i):
+    P, (Hq, H), D, dtype, bits = SMALL[i]
+    B = BATCHES[i % 3]
+    contexts = [CONTEXTS[(i + j) % len(CONTEXTS)] for j in range(B)]
+    check_decode(B, contexts, P, Hq, H, D, dtype, bits, METHODS[i % 3], seed=1000 + i)
+
+
+LONG = [  # (B, contexts, P, Hq, H, D, dtype, bits, method)
+    (1, [33000], 64, 32, 8, 128, torch.bfloat16, 2, "oscar"),
+    (1, [33000], 32, 32, 8, 128, torch.float16, 4, "oscar"),
+    (3, [33000, 1, 4096], 128, 9, 3, 64, torch.bfloat16, 2, "oscar"),
+    (3, [31, 33000, 1000], 64, 8, 8, 64, torch.float16, 2, "kivi"),
+    (3, [33000, 33000, 32], 128, 32, 8, 128, torch.float16, 4, "quarot"),
+    (17, [33000] + [33, 1000, 4096] * 5 + [1], 64, 32, 8, 128, torch.bfloat16, 2, "oscar"),
+    (17, [4096, 33000] * 8 + [31], 32, 9, 3, 64, torch.float16, 4, "oscar"),
+    (1, [33000], 128, 8, 8, 128, torch.bfloat16, 4, "kivi"),
+]
+
+
+@pytest.mark.parametrize("case", LONG, ids=[f"long{i}" for i in range(len(LONG))])
+def test_decode_long(case):
+    B, contexts, P, Hq, H, D, dtype, bits, method = case
+    check_decode(B, contexts, P, Hq, H, D, dtype, bits, method, seed=7)
+
+
+def test_decode_plan_reuse_across_layers():
+    """One plan, several layers (pools): the launch state must not leak between runs."""
+    cfg = OscarConfig(bits=2, page_size=64)
+    q, pool, res_k, res_v, pt, npg, rows, rlen = build_case(3, [5000, 70, 1], 64, 32, 8, 128, torch.bfloat16, cfg, 3)
+    w = DecodeWrapper(cfg, 32, 8, 128, torch.bfloat16, DEV)
+    w.plan(pt, npg, rows, rlen)
+    a = w.run(q, pool, res_k, res_v)
+    b = w.run(q, pool, res_k, res_v)
+    assert torch.equal(a, b)
+
+
+STORE = [(P, H, D, dt, bits, m)
+         for P, H, D, dt, bits in itertools.product((32, 64, 128), (8, 3), (64, 128),
+                                                   (torch.bfloat16, torch.float16), (2, 4))
+         for m in (("oscar", "kivi", "quarot") if (P == 64 and H == 8) else ("oscar",))]
+
+
+@pytest.mark.parametrize("case", STORE, ids=[f"P{c[0]}-H{c[1]}-D{c[2]}-{str(c[3])[6:]}-b{c[4]}-{c[5]}" for c in STORE])
+def test_store_kernel(case):
+    P, H, D, dtype, bits, method = case
+    cfg = OscarConfig(method=method, bits=bits, page_size=P)
+    gen = torch.Generator(device=DEV).manual_seed(P * 7 + H * 3 + D + bits)
+    N = 13
+    k, v = make_kv(N * P, H, D, dtype, gen)
+    k, v = k.view(N, P, H, D), v.view(N, P, H, D)
+    # constant groups: a whole K group of one channel, a whole V group of one token
+    k[1, :32, 0, 5] = 0.75
+    v[2, 3, 1 % H, 32:64] = -1.5
+    num_pool = N + 4
+    pool = empty_pool(num_pool, P, H, D, bits)
+    ids = torch.randperm(num_pool, generator=gen, device=DEV)[:N]
+    store_pages(k, v, ids, pool, cfg)
+    ref = quant.store_pages(k, v, cfg)
+    untouched = sorted(set(range(num_pool)) - set(ids.tolist()))
+    assert torch.isnan(pool["k_scale"][untouched]).all(), "store wrote outside its pages"
+    got = {f: pool[f][ids] for f in FIELDS}
+    for f in ("k_codes", "v_codes"):
+        a = layout.unpack_codes(got[f], bits).int()
+        b = layout.unpack_codes(ref[f], bits).int()
+        diff = (a - b).abs()
+        frac = float((diff > 0).float().mean())
+        print(f"store {case[:3]} {str(dtype)[6:]} {method}-{bits} {f}: mismatch fraction {frac:.2e}")
+        assert int(diff.max()) <= 1, f"{f}: code off by more than 1"
+        assert frac <= 1e-3, f"{f}: {frac:.2e} of codes differ"
+    for f in ("k_scale", "k_zero", "v_scale", "v_zero"):
+        a, b = got[f].float(), ref[f].float()
+        assert torch.isfinite(a).all(), f"{f} not fully written"
+        ulp = b.abs().clamp_min(6.1e-5) * 2.0 ** -10
+        assert bool(((a - b).abs() <= ulp * 1.01).all()), f"{f}: off by more than one fp16 ulp"
+    torch.testing.assert_close(got["k_norm"], ref["k_norm"], rtol=1e-5, atol=0)
