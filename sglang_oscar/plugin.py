@@ -148,8 +148,15 @@ def oscar_info(cfg: OscarConfig) -> dict:
 
 
 def _internal_state(result, controller, state, *args, **kwargs):
+    try:
+        state["oscar"] = pool_state(controller.scheduler)
+    except Exception as e:  # noqa: BLE001 - a report must never take the scheduler down
+        logger.exception("OScaR pool state report failed")
+        state["oscar"] = {"error": repr(e)}
+
+
+def pool_state(sched) -> dict:
     from . import layout
-    sched = controller.scheduler
     alloc = sched.token_to_kv_pool_allocator
     pool, cfg = alloc.get_kvcache(), OscarConfig.from_env()
     packed = layout.bytes_per_token(pool.head_num, pool.head_dim, cfg.bits) * pool.layer_num
@@ -161,14 +168,86 @@ def _internal_state(result, controller, state, *args, **kwargs):
             "max_total_num_tokens": int(sched.max_total_num_tokens)}
     if os.environ.get(DEBUG_ENV) == "1":
         info["page_digests"] = page_digests(alloc)
-    state["oscar"] = info
+        info["tree_check"] = tree_check(sched)
+    return info
+
+
+def tree_check(sched) -> dict:
+    """Radix tree and pool consistency, run in the scheduler (RadixCache has no sanity_check of its own).
+
+    Tree: every node's value is as long as its key, whole pages only (a partial page never enters the
+    tree), each page contiguous, no page in two nodes or on the free list, lock counts non-negative and
+    never larger than the parent's, evictable/protected counters equal to a fresh recount. Pool: SGLang's
+    own conservation check (available + evictable + protected + running requests' private KV == total).
+    """
+    import torch
+    problems = []
+
+    def bad(msg):
+        if len(problems) < 8:
+            problems.append(msg)
+
+    out = {"ok": False, "problems": problems}
+    try:
+        tree, alloc = sched.tree_cache, sched.token_to_kv_pool_allocator
+        page = alloc.page_size
+        nodes = evictable = protected = 0
+        pages = []
+        stack = [(c, tree.root_node) for c in tree.root_node.children.values()]
+        while stack:
+            node, parent = stack.pop()
+            nodes += 1
+            if node.parent is not parent:
+                bad(f"node {node.id}: wrong parent link")
+            if node.value is None:
+                bad(f"node {node.id}: evicted node left in the tree")
+                continue
+            n = len(node.key)
+            if len(node.value) != n or n == 0 or n % page:
+                bad(f"node {node.id}: key {n} tokens, value {len(node.value)} (page {page})")
+            elif n:
+                v = node.value.view(-1, page).to(torch.int64)
+                if not torch.equal(v - v[:, :1], torch.arange(page).expand_as(v)) or bool((v[:, 0] % page).any()):
+                    bad(f"node {node.id}: value is not whole contiguous pages")
+                pages.append(v[:, 0] // page)
+            if node.lock_ref < 0 or (parent is not tree.root_node and parent.lock_ref < node.lock_ref):
+                bad(f"node {node.id}: lock_ref {node.lock_ref}, parent's {parent.lock_ref}")
+            if node.lock_ref == 0:
+                evictable += n
+            else:
+                protected += n
+            stack.extend((c, node) for c in node.children.values())
+        pages = torch.cat(pages) if pages else torch.empty(0, dtype=torch.int64)
+        if pages.numel() != torch.unique(pages).numel():
+            bad(f"{pages.numel() - torch.unique(pages).numel()} pages referenced by two tree nodes")
+        if bool((pages <= 0).any()):
+            bad("the padding page 0 is referenced by the tree")
+        free = alloc.get_all_free_pages()
+        if free is not None and bool(torch.isin(pages, free.to(torch.int64)).any()):
+            bad("tree references pages on the free list")
+        if evictable != tree.evictable_size() or protected != tree.protected_size():
+            bad(f"counters evictable {tree.evictable_size()} protected {tree.protected_size()}, "
+                f"recount {evictable} / {protected}")
+        out.update(nodes=nodes, tree_tokens=evictable + protected)
+        checker = sched.invariant_checker
+        uncached, _ = checker._get_total_uncached_sizes()
+        leak, msg = checker._check_full_pool(checker.pool_stats_observer.get_pool_stats(), uncached=uncached)
+        out["pool_invariant"] = msg
+        if leak:
+            bad("pool conservation violated: " + msg)
+        out["ok"] = not problems
+    except Exception as e:  # noqa: BLE001 - a report must never take the scheduler down
+        bad(f"check failed: {e!r}")
+    return out
 
 
 def page_digests(alloc) -> dict:
     """sha256 of every in-use page's packed bytes over all layers (pages not on the free list)."""
     import torch
     pool = alloc.get_kvcache()
-    free = set(alloc.free_pages.tolist()) | set(getattr(alloc, "release_pages", torch.empty(0)).tolist())
+    free = set(alloc.free_pages.tolist())
+    if getattr(alloc, "release_pages", None) is not None:  # pages staged for sorted release
+        free |= set(alloc.release_pages.tolist())
     out = {}
     for page in range(1, pool.num_pages):
         if page in free:

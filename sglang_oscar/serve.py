@@ -17,6 +17,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _die_with_parent():
+    """Linux: SIGTERM the server when its parent dies (a killed test run must not leave servers behind)."""
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except Exception:  # noqa: BLE001 - best effort elsewhere
+        pass
+
+
 class Server:
     """A launch_server subprocess on 127.0.0.1; `with Server([...]) as s: requests.get(s.url + ...)`."""
 
@@ -34,7 +43,7 @@ class Server:
         log = open(self.log_path, "w") if self.log_path else subprocess.DEVNULL
         # A new session, so stop() can end SGLang's whole process tree.
         self.proc = subprocess.Popen(self.args, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
+                                     start_new_session=True, preexec_fn=_die_with_parent)
         deadline = time.time() + self.timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:
