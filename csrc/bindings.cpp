@@ -88,7 +88,8 @@ void decode(torch::Tensor q, torch::Tensor kc, torch::Tensor ks, torch::Tensor k
   CHECK_T(items, torch::kInt32); CHECK_T(item_start, torch::kInt32);
   CHECK_T(part_o, torch::kFloat32); CHECK_T(part_lse, torch::kFloat32);
   TORCH_CHECK(items.numel() >= num_items * 4 && item_start.numel() >= B + 1, "plan tensors too small");
-  TORCH_CHECK(part_o.numel() >= num_items * Hq * D && part_lse.numel() >= num_items * Hq, "workspace too small");
+  TORCH_CHECK(!any_split || (part_o.numel() >= num_items * Hq * D && part_lse.numel() >= num_items * Hq),
+              "workspace too small");
   const c10::cuda::CUDAGuard guard(q.device());
   oscar::DecodeParams p;
   p.q = q.data_ptr();

@@ -25,25 +25,7 @@ template <> struct DT<__nv_bfloat16> {
   }
 };
 
-// D = A*B + C for one m16n8k16 tile, fp32 accumulate. Only rows 0..7 of A are ever non-zero here
-// (at most 8 query heads per CTA), so a1/a3 are passed as 0 and d2/d3 are discarded.
-template <typename T>
-__device__ __forceinline__ void mma_rows8(float (&c)[2], uint32_t a0, uint32_t a2, uint32_t b0, uint32_t b1);
-template <>
-__device__ __forceinline__ void mma_rows8<__half>(float (&c)[2], uint32_t a0, uint32_t a2, uint32_t b0, uint32_t b1) {
-  float j0, j1;  // rows 8..15 of D: unused
-  asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%10,%11};\n"
-               : "+f"(c[0]), "+f"(c[1]), "=f"(j0), "=f"(j1)
-               : "r"(a0), "r"(0u), "r"(a2), "r"(0u), "r"(b0), "r"(b1), "f"(0.f), "f"(0.f));
-}
-template <>
-__device__ __forceinline__ void mma_rows8<__nv_bfloat16>(float (&c)[2], uint32_t a0, uint32_t a2, uint32_t b0, uint32_t b1) {
-  float j0, j1;  // rows 8..15 of D: unused
-  asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%10,%11};\n"
-               : "+f"(c[0]), "+f"(c[1]), "=f"(j0), "=f"(j1)
-               : "r"(a0), "r"(0u), "r"(a2), "r"(0u), "r"(b0), "r"(b1), "f"(0.f), "f"(0.f));
-}
-// Full 16x8 tile (used for O^T = V^T P^T: 16 channel rows, 8 head columns).
+// D = A*B + C for one m16n8k16 tile, fp32 accumulate (S^T = K Q^T and O^T = V^T P^T).
 template <typename T>
 __device__ __forceinline__ void mma_full(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0, uint32_t b1);
 template <>
@@ -57,6 +39,13 @@ __device__ __forceinline__ void mma_full<__nv_bfloat16>(float (&c)[4], uint32_t 
   asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
                : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
                : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+// Transpose of an 8x8 b16 tile held in the MMA C/A fragment layout (row lane/4, cols 2*(lane%4)+{0,1}).
+__device__ __forceinline__ uint32_t movmatrix_trans(uint32_t x) {
+  uint32_t r;
+  asm volatile("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;\n" : "=r"(r) : "r"(x));
+  return r;
 }
 
 __device__ __forceinline__ uint32_t prmt(uint32_t a, uint32_t b, uint32_t sel) {
@@ -74,7 +63,8 @@ __device__ __forceinline__ uint32_t dq_pair(uint32_t r, int q, uint32_t m, uint3
   constexpr int P = 10 - BITS;
   constexpr uint32_t mask = ((1u << BITS) - 1u) << P;
   const uint32_t t = (q <= P) ? (r << (P - q)) : (r >> (q - P));
-  const uint32_t x = (t & (mask | (mask << 16))) | 0x3C003C00u;
+  uint32_t x;  // (t & mask) | exponent in one LOP3 (two immediates would split it in two)
+  asm("lop3.b32 %0, %1, %2, %3, 0xEA;\n" : "=r"(x) : "r"(t), "r"(mask | (mask << 16)), "r"(0x3C003C00u));
   __half2 y = __hfma2(*reinterpret_cast<const __half2*>(&x), *reinterpret_cast<const __half2*>(&m),
                       *reinterpret_cast<const __half2*>(&zp));
   return *reinterpret_cast<uint32_t*>(&y);

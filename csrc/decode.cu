@@ -8,10 +8,11 @@
 // are merged by a small combine kernel.
 //
 // Tensor cores, dequantizing straight into MMA fragments:
-//   S   = Q' K^T   (A = rotated, max-normalized fp16 queries, rows = heads; B = dequantized K)
-//   O^T = V^T P^T  (A = dequantized V, rows = channels; B = P, taken from S's accumulators)
+//   S^T = K Q'^T   (A = dequantized K, rows = tokens; B = rotated, max-normalized fp16 queries)
+//   O^T = V^T P^T  (A = dequantized V, rows = channels; B = P, S^T's accumulators transposed
+//                   in registers by movmatrix)
 // Token order inside a chunk is permuted so that each thread's fragments come from few whole
-// words: S column j of n-tile i is token 4*j + i; the PV k-index follows from that (see below).
+// words: row r of m-tile mt is token 4*(r%8) + 2*mt + r/8; the PV k-index follows (see below).
 #include <cuda_runtime.h>
 #include <math.h>
 
@@ -50,57 +51,77 @@ struct Geo {
   static_assert(kWarps * 8 * D * 4 + 2 * kWarps * 8 * 4 <= STAGES * STAGE_B, "merge scratch must fit in the ring");
 };
 
-// Online softmax over one chunk's S (rows = heads gid, 8 tokens per thread). Leaves exp2 weights in S
-// and rescales O^T (whose columns are heads 2*tig, 2*tig+1).
+// Online softmax over one chunk's S^T: S[mt] = {(t0, h0), (t0, h1), (t1, h0), (t1, h1)} with tokens
+// t0 = 4*gid + 2*mt, t1 = t0 + 1 and heads h0 = 2*tig, h1 = 2*tig + 1. Leaves exp2 weights in S and
+// rescales O^T (whose columns are the same two heads, so no exchange is needed).
+struct SoftState {
+  float m0, m1, l0, l1;
+};
+
 template <int D>
-__device__ __forceinline__ void softmax_step(float (&S)[4][2], float& m_run, float& l_run, float (&O)[D / 16][4],
-                                             int tig) {
-  float mx = -INFINITY;
+__device__ __forceinline__ void softmax_step(float (&S)[2][4], SoftState& st, float (&O)[D / 16][4]) {
+  float mx0 = fmaxf(fmaxf(S[0][0], S[0][2]), fmaxf(S[1][0], S[1][2]));
+  float mx1 = fmaxf(fmaxf(S[0][1], S[0][3]), fmaxf(S[1][1], S[1][3]));
 #pragma unroll
-  for (int j = 0; j < 4; ++j) mx = fmaxf(mx, fmaxf(S[j][0], S[j][1]));
-  mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-  mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-  const float m_new = fmaxf(m_run, mx);
-  const float alpha = exp2f(m_run - m_new);
-  float sum = 0.f;
-#pragma unroll
-  for (int j = 0; j < 4; ++j) {
-    S[j][0] = exp2f(S[j][0] - m_new);
-    S[j][1] = exp2f(S[j][1] - m_new);
-    sum += S[j][0] + S[j][1];
+  for (int off = 4; off < 32; off <<= 1) {
+    mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, off));
+    mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, off));
   }
-  l_run = l_run * alpha + sum;
-  m_run = m_new;
-  const float a0 = __shfl_sync(0xffffffffu, alpha, 8 * tig);      // head 2*tig lives in lanes gid = 2*tig
-  const float a1 = __shfl_sync(0xffffffffu, alpha, 8 * tig + 4);  // head 2*tig + 1
+  const float n0 = fmaxf(st.m0, mx0), n1 = fmaxf(st.m1, mx1);
+  const float a0 = exp2f(st.m0 - n0), a1 = exp2f(st.m1 - n1);
+  float s0 = 0.f, s1 = 0.f;
 #pragma unroll
-  for (int mt = 0; mt < D / 16; ++mt) {
-    O[mt][0] *= a0;
-    O[mt][1] *= a1;
-    O[mt][2] *= a0;
-    O[mt][3] *= a1;
+  for (int mt = 0; mt < 2; ++mt) {
+    S[mt][0] = exp2f(S[mt][0] - n0);
+    S[mt][1] = exp2f(S[mt][1] - n1);
+    S[mt][2] = exp2f(S[mt][2] - n0);
+    S[mt][3] = exp2f(S[mt][3] - n1);
+    s0 += S[mt][0] + S[mt][2];
+    s1 += S[mt][1] + S[mt][3];
   }
+  st.l0 = st.l0 * a0 + s0;
+  st.l1 = st.l1 * a1 + s1;
+  st.m0 = n0;
+  st.m1 = n1;
+  if (!__all_sync(0xffffffffu, a0 == 1.f && a1 == 1.f)) {  // the running max rarely moves late on
+#pragma unroll
+    for (int mt = 0; mt < D / 16; ++mt) {
+      O[mt][0] *= a0;
+      O[mt][1] *= a1;
+      O[mt][2] *= a0;
+      O[mt][3] *= a1;
+    }
+  }
+}
+
+// P^T fragments of PV k-step kk from S^T m-tile kk: the two 8x8 halves, transposed.
+template <typename T>
+__device__ __forceinline__ void p_frags(const float (&S)[2][4], int kk, uint32_t& pb0, uint32_t& pb1) {
+  pb0 = movmatrix_trans(DT<T>::pack(S[kk][0], S[kk][1]));
+  pb1 = movmatrix_trans(DT<T>::pack(S[kk][2], S[kk][3]));
 }
 
 // One packed 32-token chunk (= one K group) from a shared-memory stage.
 template <int D, int BITS>
-__device__ __forceinline__ void packed_chunk(const unsigned char* st, int c, const uint2 (&qa)[D / 16], float qsc,
-                                             float (&O)[D / 16][4], float& m_run, float& l_run, int gid, int tig) {
+__device__ __forceinline__ void packed_chunk(const unsigned char* stage, int c, const uint2 (&qa)[D / 16], float qsc0,
+                                             float qsc1, float (&O)[D / 16][4], SoftState& st, int gid, int tig) {
   using G = Geo<D, BITS>;
-  const uint32_t* kc = reinterpret_cast<const uint32_t*>(st) + c * D * BITS;
-  const __half* ksc = reinterpret_cast<const __half*>(st + G::OFF_KS) + c * D;
-  const __half* kzr = reinterpret_cast<const __half*>(st + G::OFF_KZ) + c * D;
-  const uint32_t* vc = reinterpret_cast<const uint32_t*>(st + G::OFF_VC) + c * 32 * (D * BITS / 32);
-  const __half* vsc = reinterpret_cast<const __half*>(st + G::OFF_VS) + c * 32 * (D / 32);
-  const __half* vzr = reinterpret_cast<const __half*>(st + G::OFF_VZ) + c * 32 * (D / 32);
-  const float* kn = reinterpret_cast<const float*>(st + G::OFF_KN) + c * 32;
+  const unsigned char* st_ = stage;
+  const uint32_t* kc = reinterpret_cast<const uint32_t*>(st_) + c * D * BITS;
+  const __half* ksc = reinterpret_cast<const __half*>(st_ + G::OFF_KS) + c * D;
+  const __half* kzr = reinterpret_cast<const __half*>(st_ + G::OFF_KZ) + c * D;
+  const uint32_t* vc = reinterpret_cast<const uint32_t*>(st_ + G::OFF_VC) + c * 32 * (D * BITS / 32);
+  const __half* vsc = reinterpret_cast<const __half*>(st_ + G::OFF_VS) + c * 32 * (D / 32);
+  const __half* vzr = reinterpret_cast<const __half*>(st_ + G::OFF_VZ) + c * 32 * (D / 32);
+  const float* kn = reinterpret_cast<const float*>(st_ + G::OFF_KN) + c * 32;
 
-  // ---- S = Q' K^T. Thread (gid, tig) supplies B for tokens 4*gid + j (j = n-tile) and channels
-  // 16*ks + 4*tig + {0,1 | 2,3}: its 4 tokens sit in one byte (2-bit) / one half-word (4-bit) of a
-  // channel's word; one PRMT pairs two channels' bytes, then each token is a shift + mask away.
-  float S[4][2];
+  // ---- S^T = K Q'^T. Thread (gid, tig) supplies A for tokens 4*gid + j (j = 2*mt + row half) and
+  // channels 16*kt + 4*tig + {0,1 | 2,3}: its 4 tokens sit in one byte (2-bit) / one half-word
+  // (4-bit) of a channel's word; one PRMT pairs two channels' bytes, then each token is a shift +
+  // LOP3 + HFMA2 away.
+  float S[2][4];
 #pragma unroll
-  for (int j = 0; j < 4; ++j) S[j][0] = S[j][1] = 0.f;
+  for (int mt = 0; mt < 2; ++mt) S[mt][0] = S[mt][1] = S[mt][2] = S[mt][3] = 0.f;
   const int wi = (gid * BITS) >> 3;
   const uint32_t sel = (BITS == 2) ? (((gid & 3) << 4) | ((4 + (gid & 3)) << 12)) : ((gid & 1) ? 0x7632u : 0x5410u);
 #pragma unroll
@@ -115,23 +136,24 @@ __device__ __forceinline__ void packed_chunk(const unsigned char* st, int c, con
     const uint32_t w2 = kc[(d0 + 2) * BITS + wi], w3 = kc[(d0 + 3) * BITS + wi];
     const uint32_t r01 = prmt(w0, w1, sel), r23 = prmt(w2, w3, sel);
 #pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const int q = (BITS == 2) ? 8 + 2 * j : 4 * j;
-      const uint32_t b0 = dq_pair<BITS>(r01, q, m01, z01);
-      const uint32_t b1 = dq_pair<BITS>(r23, q, m23, z23);
-      mma_rows8<__half>(S[j], qa[kt].x, qa[kt].y, b0, b1);
+    for (int mt = 0; mt < 2; ++mt) {
+      const int q0 = (BITS == 2) ? 8 + 2 * (2 * mt) : 4 * (2 * mt);
+      const int q1 = (BITS == 2) ? 8 + 2 * (2 * mt + 1) : 4 * (2 * mt + 1);
+      mma_full<__half>(S[mt], dq_pair<BITS>(r01, q0, m01, z01), dq_pair<BITS>(r01, q1, m01, z01),
+                       dq_pair<BITS>(r23, q0, m23, z23), dq_pair<BITS>(r23, q1, m23, z23), qa[kt].x, qa[kt].y);
     }
   }
-  // logits: S[j][0] is token 8*tig + j, S[j][1] token 8*tig + 4 + j; times the token norm.
-  const float4 n0 = *reinterpret_cast<const float4*>(kn + 8 * tig);
-  const float4 n1 = *reinterpret_cast<const float4*>(kn + 8 * tig + 4);
-  const float nn0[4] = {n0.x, n0.y, n0.z, n0.w}, nn1[4] = {n1.x, n1.y, n1.z, n1.w};
+  // logits: S[mt][0..1] is token 4*gid + 2*mt, S[mt][2..3] the next one; times the token norm.
+  const float4 nv = *reinterpret_cast<const float4*>(kn + 4 * gid);
+  const float nn[4] = {nv.x, nv.y, nv.z, nv.w};
 #pragma unroll
-  for (int j = 0; j < 4; ++j) {
-    S[j][0] *= nn0[j] * qsc;
-    S[j][1] *= nn1[j] * qsc;
+  for (int mt = 0; mt < 2; ++mt) {
+    S[mt][0] *= nn[2 * mt] * qsc0;
+    S[mt][1] *= nn[2 * mt] * qsc1;
+    S[mt][2] *= nn[2 * mt + 1] * qsc0;
+    S[mt][3] *= nn[2 * mt + 1] * qsc1;
   }
-  softmax_step<D>(S, m_run, l_run, O, tig);
+  softmax_step<D>(S, st, O);
 
   // ---- O^T += V^T P^T. PV k-step kk, k-index 2*tig + {0,1} = tokens 8*tig + 2*kk + {0, 4},
   // 2*tig + 8 + {0,1} = tokens 8*tig + 2*kk + 1 + {0, 4}. Thread gid owns channels
@@ -159,8 +181,8 @@ __device__ __forceinline__ void packed_chunk(const unsigned char* st, int c, con
   }
 #pragma unroll
   for (int kk = 0; kk < 2; ++kk) {
-    const uint32_t pb0 = DT<__half>::pack(S[2 * kk][0], S[2 * kk][1]);
-    const uint32_t pb1 = DT<__half>::pack(S[2 * kk + 1][0], S[2 * kk + 1][1]);
+    uint32_t pb0, pb1;
+    p_frags<__half>(S, kk, pb0, pb1);
     uint32_t mA, zA, mB, zB;
     scale_pair<BITS>(pack_h2(sv[2 * kk], sv[2 * kk + 4]), pack_h2(zv[2 * kk], zv[2 * kk + 4]), mA, zA);
     scale_pair<BITS>(pack_h2(sv[2 * kk + 1], sv[2 * kk + 5]), pack_h2(zv[2 * kk + 1], zv[2 * kk + 5]), mB, zB);
@@ -185,35 +207,39 @@ __device__ __forceinline__ void packed_chunk(const unsigned char* st, int c, con
 // The raw residual: chunk w of the request's partial page, in the model dtype (exact products).
 template <typename T, int D>
 __device__ __forceinline__ void residual_chunk(const DecodeParams& p, int64_t row, int h, int rl, int w,
-                                               const T* qr_s, float (&O)[D / 16][4], float& m_run, float& l_run,
-                                               int gid, int tig) {
+                                               const T* qr_s, float (&O)[D / 16][4], SoftState& st, int gid,
+                                               int tig) {
   const T* rk = static_cast<const T*>(p.res_k);
   const T* rv = static_cast<const T*>(p.res_v);
   const int64_t tstride = int64_t(p.H) * D;
   const T* kbase = rk + (row * p.P) * tstride + int64_t(h) * D;
   const T* vbase = rv + (row * p.P) * tstride + int64_t(h) * D;
-  float S[4][2];
+  float S[2][4];
 #pragma unroll
-  for (int j = 0; j < 4; ++j) S[j][0] = S[j][1] = 0.f;
+  for (int mt = 0; mt < 2; ++mt) S[mt][0] = S[mt][1] = S[mt][2] = S[mt][3] = 0.f;
 #pragma unroll
   for (int kt = 0; kt < D / 16; ++kt) {
     const int d0 = 16 * kt + 4 * tig;
     const uint2 qv = *reinterpret_cast<const uint2*>(qr_s + gid * D + d0);
 #pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const int t = 32 * w + 4 * gid + j;
-      const uint2 kv = t < rl ? *reinterpret_cast<const uint2*>(kbase + t * tstride + d0) : make_uint2(0u, 0u);
-      mma_rows8<T>(S[j], qv.x, qv.y, kv.x, kv.y);
+    for (int mt = 0; mt < 2; ++mt) {
+      const int t0 = 32 * w + 4 * gid + 2 * mt;
+      const uint2 k0 = t0 < rl ? *reinterpret_cast<const uint2*>(kbase + t0 * tstride + d0) : make_uint2(0u, 0u);
+      const uint2 k1 = t0 + 1 < rl ? *reinterpret_cast<const uint2*>(kbase + (t0 + 1) * tstride + d0)
+                                   : make_uint2(0u, 0u);
+      mma_full<T>(S[mt], k0.x, k1.x, k0.y, k1.y, qv.x, qv.y);
     }
   }
   const float sc = p.sm_scale * kLog2e;
 #pragma unroll
-  for (int j = 0; j < 4; ++j) {
-    const int t0 = 32 * w + 8 * tig + j;
-    S[j][0] = t0 < rl ? S[j][0] * sc : -INFINITY;
-    S[j][1] = t0 + 4 < rl ? S[j][1] * sc : -INFINITY;
+  for (int mt = 0; mt < 2; ++mt) {
+    const int t0 = 32 * w + 4 * gid + 2 * mt;
+    S[mt][0] = t0 < rl ? S[mt][0] * sc : -INFINITY;
+    S[mt][1] = t0 < rl ? S[mt][1] * sc : -INFINITY;
+    S[mt][2] = t0 + 1 < rl ? S[mt][2] * sc : -INFINITY;
+    S[mt][3] = t0 + 1 < rl ? S[mt][3] * sc : -INFINITY;
   }
-  softmax_step<D>(S, m_run, l_run, O, tig);
+  softmax_step<D>(S, st, O);
   constexpr int NP = D / 16;  // u32 channel pairs owned per token
   uint32_t vr[8][NP];
 #pragma unroll
@@ -231,8 +257,8 @@ __device__ __forceinline__ void residual_chunk(const DecodeParams& p, int64_t ro
   }
 #pragma unroll
   for (int kk = 0; kk < 2; ++kk) {
-    const uint32_t pb0 = DT<T>::pack(S[2 * kk][0], S[2 * kk][1]);
-    const uint32_t pb1 = DT<T>::pack(S[2 * kk + 1][0], S[2 * kk + 1][1]);
+    uint32_t pb0, pb1;
+    p_frags<T>(S, kk, pb0, pb1);
 #pragma unroll
     for (int mt = 0; mt < D / 16; ++mt) {
       const uint32_t a0 = prmt(vr[2 * kk][mt], vr[2 * kk + 4][mt], 0x5410u);
@@ -339,19 +365,19 @@ __global__ void __launch_bounds__(kWarps * 32, Geo<D, BITS>::MIN_BLOCKS) decode_
   uint2 qa[D / 16];
 #pragma unroll
   for (int kt = 0; kt < D / 16; ++kt) qa[kt] = *reinterpret_cast<const uint2*>(q_s + gid * D + 16 * kt + 4 * tig);
-  const float qsc = qsc_s[gid];
+  const float qsc0 = qsc_s[2 * tig], qsc1 = qsc_s[2 * tig + 1];
 
   float O[D / 16][4];
 #pragma unroll
   for (int mt = 0; mt < D / 16; ++mt) O[mt][0] = O[mt][1] = O[mt][2] = O[mt][3] = 0.f;
-  float m_run = -INFINITY, l_run = 0.f;
+  SoftState st{-INFINITY, -INFINITY, 0.f, 0.f};
 
   for (int s = 0; s < nstages; ++s) {
     const int slot = s % G::STAGES;
     mbar_wait(bars + slot, (s / G::STAGES) & 1);
     const int np = min(PPS, pg1 - (pg0 + s * PPS));
     if (warp * 32 < np * P)
-      packed_chunk<D, BITS>(smem + slot * G::STAGE_B, warp, qa, qsc, O, m_run, l_run, gid, tig);
+      packed_chunk<D, BITS>(smem + slot * G::STAGE_B, warp, qa, qsc0, qsc1, O, st, gid, tig);
     __syncthreads();  // the slot is free again
     if (warp == 0 && s + G::STAGES < nstages) {
       issue(s + G::STAGES, pid_next);
@@ -360,19 +386,24 @@ __global__ void __launch_bounds__(kWarps * 32, Geo<D, BITS>::MIN_BLOCKS) decode_
   }
   if (flags & kItemResidual) {
     const int rl = p.res_len[b];
-    if (warp * 32 < rl) residual_chunk<T, D>(p, p.res_rows[b], h, rl, warp, qr_s, O, m_run, l_run, gid, tig);
+    if (warp * 32 < rl) residual_chunk<T, D>(p, p.res_rows[b], h, rl, warp, qr_s, O, st, gid, tig);
   }
 
   // ---- merge the 4 warps' states (scratch reuses the stage ring: every copy has landed).
-  l_run += __shfl_xor_sync(0xffffffffu, l_run, 1);
-  l_run += __shfl_xor_sync(0xffffffffu, l_run, 2);
+#pragma unroll
+  for (int off = 4; off < 32; off <<= 1) {
+    st.l0 += __shfl_xor_sync(0xffffffffu, st.l0, off);
+    st.l1 += __shfl_xor_sync(0xffffffffu, st.l1, off);
+  }
   __syncthreads();
   float* red_o = reinterpret_cast<float*>(smem);
   float* red_m = red_o + kWarps * 8 * D;
   float* red_l = red_m + kWarps * 8;
-  if (tig == 0) {
-    red_m[warp * 8 + gid] = m_run;
-    red_l[warp * 8 + gid] = l_run;
+  if (gid == 0) {
+    red_m[warp * 8 + 2 * tig] = st.m0;
+    red_m[warp * 8 + 2 * tig + 1] = st.m1;
+    red_l[warp * 8 + 2 * tig] = st.l0;
+    red_l[warp * 8 + 2 * tig + 1] = st.l1;
   }
 #pragma unroll
   for (int mt = 0; mt < D / 16; ++mt) {
