@@ -220,7 +220,8 @@ async def run_admission(url, n_requests, prompt_tokens, max_new_tokens, seed):
 def server_args(method, budget_gb, max_running):
     m, bits = METHODS[method]
     args = ["--oscar-method", m, "--oscar-kv-budget-gb", str(budget_gb), "--enable-cache-report",
-            "--max-running-requests", str(max_running)]
+            "--max-running-requests", str(max_running),
+            "--load-snapshot-publish-interval", "1"]  # /v1/loads current after every scheduler step
     return args + (["--oscar-bits", str(bits)] if m != "bf16" else [])
 
 
@@ -299,7 +300,7 @@ def main():
     def plan(c):
         if a.quick:
             return max(2, c), (2, 2)
-        return {1: (1, (4, 4)), 4: (4, (4, 4)), 16: (16, (2, 2))}.get(c, (c, (1, 2)))
+        return {1: (1, (4, 4)), 4: (4, (4, 4)), 16: (16, (2, 2))}.get(c, (c, (1, 1)))
 
     os.makedirs(a.out, exist_ok=True)
     tag = "serving-quick" if a.quick else "serving"
