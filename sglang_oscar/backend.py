@@ -7,14 +7,22 @@ Per request and layer, one step (prefill chunk, mixed chunk or decode token) doe
   4. attention: each query sees earlier pages through their packed form and the rest raw
      (reference.attend; the query's quantized boundary comes from reference.boundaries).
 Packing before attention is what makes prefill page-consistent: a query attends to its earlier
-pages exactly as a later decode step will. On CUDA, decode runs the fused kernels (wrapper.py).
+pages exactly as a later decode step will.
+
+On CUDA, decode batches run the fused kernels through wrapper.DecodeWrapper instead (same semantics,
+batched): plan() once per batch from host-side lengths, then per layer one index_put of the new token
+into its residual row, one store launch for the pages this token completes, one decode launch.
+Extend (prefill, mixed chunks) stays on the per-request torch path above on every device.
+Set SGLANG_OSCAR_DECODE=torch to force the torch path for decode too (e.g. to compare outputs).
 """
 from __future__ import annotations
+
+import os
 
 import torch
 from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
 
-from . import quant
+from . import ops, quant
 from .layout import FIELDS
 from .reference import attend, boundaries
 
@@ -46,20 +54,57 @@ class OscarAttnBackend(AttentionBackend):
         self.token_to_kv_pool = pool
         self.cfg = pool.oscar
         self.forward_metadata = None
-        self._decode = None  # CUDA DecodeWrapper, built lazily
+        self._decode = None        # CUDA DecodeWrapper, built at the first decode layer (needs Hq/H/D/dtype)
+        self._decode_batch = None  # this decode batch's device-side indices, planned lazily
+        self.use_kernels = decode_kernels_usable(self.device, self.cfg, pool.head_dim)
 
     # ---- metadata: host-side lists, once per batch ---------------------------------------------
     def init_forward_metadata(self, fb):
-        rows = fb.req_pool_indices.tolist()
         seq = fb.seq_lens_cpu.tolist() if fb.seq_lens_cpu is not None else fb.seq_lens.tolist()
+        self._decode_batch = None
+        if self.use_kernels and fb.forward_mode.is_decode():
+            # Fast path: no per-request lists; the first layer's forward_decode plans the wrapper.
+            self.forward_metadata = None
+            self._decode_batch = self._prepare_decode(fb.req_pool_indices, fb.seq_lens, seq)
+            return
+        rows = fb.req_pool_indices.tolist()
         if fb.forward_mode.is_decode():
             ext = [1] * len(rows)
         else:
             ext = list(fb.extend_seq_lens_cpu)
         prefix = [s - e for s, e in zip(seq, ext)]
         self.forward_metadata = (rows, prefix, ext)
-        if self._decode is not None and fb.forward_mode.is_decode():
-            self._plan_decode(rows, seq)
+
+    def _prepare_decode(self, req_pool_indices, seq_lens, seq_cpu: list[int]) -> dict:
+        """Device indices of one decode batch (the token at position s-1, s = seq_len incl. it).
+
+        It sees pages 0..(s-1)//P - 1 packed and its own page raw from its residual row, so
+        num_pages = (s-1)//P and res_len = s - num_pages*P (1..P). A token with s % P == 0 completes
+        its page: that page is packed from the residual row (after the token is written) before the
+        decode kernel reads the residual, exactly as the per-request path does.
+        """
+        P = self.cfg.page_size
+        dev = seq_lens.device
+        rows = req_pool_indices.to(torch.int64)
+        s = seq_lens.to(torch.int64)
+        n_pages_cpu = [(x - 1) // P for x in seq_cpu]
+        num_pages = (s - 1) // P
+        width = max(1, max(n_pages_cpu, default=0))
+        req_to_token = self.req_to_token_pool.req_to_token
+        # One gather: page j of a request is slot req_to_token[row, j*P] // P (SGLang allocates pages whole).
+        cols = torch.arange(width, device=dev, dtype=torch.int64) * P
+        cols = torch.minimum(cols, torch.tensor(req_to_token.shape[1] - 1, device=dev))
+        page_table = (req_to_token[rows[:, None], cols[None, :]] // P).to(torch.int32)
+        done = [i for i, x in enumerate(seq_cpu) if x % P == 0]
+        store = None
+        if done:
+            idx = torch.tensor(done, dtype=torch.int64, device=dev)
+            d_rows = rows[idx]
+            # the completed page is page (s-1)//P; its first slot sits at column num_pages * P
+            d_pages = req_to_token[d_rows, num_pages[idx] * P].to(torch.int64) // P
+            store = (d_rows, d_pages)
+        return dict(rows=rows, slot=(s - 1) % P, page_table=page_table, num_pages_cpu=n_pages_cpu,
+                    res_len=(s - num_pages * P).to(torch.int32), store=store, planned=False)
 
     # ---- forward ---------------------------------------------------------------------------
     def _check(self, layer, save_kv_cache):
@@ -74,7 +119,32 @@ class OscarAttnBackend(AttentionBackend):
 
     def forward_decode(self, q, k, v, layer, fb, save_kv_cache=True, **kw):
         self._check(layer, save_kv_cache)
+        if self._decode_batch is not None:
+            return self._forward_decode_kernels(q, k, v, layer)
         return self._forward_requests(q, k, v, layer)
+
+    def _forward_decode_kernels(self, q, k, v, layer):
+        Hq, H, D = layer.tp_q_head_num, layer.tp_k_head_num, layer.qk_head_dim
+        q = q.reshape(-1, Hq, D)
+        k = k.reshape(-1, H, D)
+        v = v.reshape(-1, H, D)
+        b = self._decode_batch
+        if self._decode is None or (self._decode.Hq, self._decode.H, self._decode.D, self._decode.dtype) != \
+                (Hq, H, D, q.dtype):
+            from .wrapper import DecodeWrapper
+            self._decode = DecodeWrapper(self.cfg, Hq, H, D, q.dtype, q.device)
+            b["planned"] = False
+        if not b["planned"]:  # once per batch: the split schedule depends only on the lengths
+            self._decode.plan(b["page_table"], b["num_pages_cpu"], b["rows"], b["res_len"])
+            b["planned"] = True
+        pages, res_k, res_v = self.token_to_kv_pool.layer(layer.layer_id)
+        res_k[b["rows"], b["slot"]] = k.to(res_k.dtype)
+        res_v[b["rows"], b["slot"]] = v.to(res_v.dtype)
+        if b["store"] is not None:
+            d_rows, d_pages = b["store"]
+            store(res_k[d_rows], res_v[d_rows], d_pages, pages, self.cfg)
+        out = self._decode.run(q, pages, res_k, res_v, sm_scale=layer.scaling)
+        return out.reshape(-1, Hq * D)
 
     def _forward_requests(self, q, k, v, layer):
         cfg, P = self.cfg, self.cfg.page_size
@@ -114,8 +184,15 @@ class OscarAttnBackend(AttentionBackend):
             start = end
         return out.reshape(-1, Hq * D)
 
-    def _plan_decode(self, rows, seq):
-        pass
-
     def support_triton(self):
         return False
+
+
+def decode_kernels_usable(device, cfg, head_dim: int) -> bool:
+    """Whether decode may run on the CUDA kernels (else the per-request torch path)."""
+    if os.environ.get("SGLANG_OSCAR_DECODE", "").lower() == "torch":
+        return False
+    if torch.device(device).type != "cuda" or not cfg.quantized or not ops.available():
+        return False
+    from .wrapper import KERNEL_HEAD_DIMS, KERNEL_PAGE_SIZES
+    return head_dim in KERNEL_HEAD_DIMS and cfg.page_size in KERNEL_PAGE_SIZES

@@ -30,6 +30,8 @@ from .reference import attend
 
 MAX_HEADS_PER_CTA = 8   # query heads sharing one KV head handled by one CTA (MMA N = 8)
 MIN_SPLIT_STAGES = 2    # a split streams at least 2 x 128 tokens (amortizes prologue and merge)
+KERNEL_HEAD_DIMS = (64, 128)
+KERNEL_PAGE_SIZES = (32, 64, 128)
 
 
 def _host_ints(x) -> list[int]:
@@ -59,9 +61,9 @@ class DecodeWrapper:
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
         if self.cuda:
-            if head_dim not in (64, 128):
+            if head_dim not in KERNEL_HEAD_DIMS:
                 raise ValueError(f"the CUDA decode kernel supports head_dim 64 and 128, got {head_dim}")
-            if cfg.page_size not in (32, 64, 128):
+            if cfg.page_size not in KERNEL_PAGE_SIZES:
                 raise ValueError(f"the CUDA decode kernel supports page sizes 32, 64 and 128, got {cfg.page_size}")
         self.q_chunks = -(-(num_qo_heads // num_kv_heads) // MAX_HEADS_PER_CTA)
         self._slots = None

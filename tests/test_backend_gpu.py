@@ -1,0 +1,148 @@
+"""The backend's batched decode path (plan once, per layer: residual write, page store, decode kernel)
+against its per-request torch path, on a fake batch driven through forward_extend / forward_decode.
+
+Two backends share nothing but their inputs: both prefill the same requests through the torch path,
+then decode the same tokens for a few steps, one through the batched path (the CUDA kernels on a GPU;
+the wrapper's torch twin on the CPU, which checks the indexing alone), one per request. The batch is
+ragged, GQA, has a request completing a page on the first step (s % P == 0), one opening a page, one
+with no packed page yet, and request rows that are not in batch order.
+"""
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+
+from sglang_oscar import layout
+from sglang_oscar.backend import OscarAttnBackend, decode_kernels_usable
+from sglang_oscar.config import OscarConfig
+from sglang_oscar.layout import FIELDS
+
+
+class FakePool:
+    def __init__(self, n_layers, num_pages, R, P, H, D, bits, dtype, dev):
+        self.pages = [{f: torch.zeros((num_pages, *s), dtype=dt, device=dev)
+                       for f, (s, dt) in layout.page_shapes(P, H, D, bits).items()} for _ in range(n_layers)]
+        self.res_k = [torch.zeros((R, P, H, D), dtype=dtype, device=dev) for _ in range(n_layers)]
+        self.res_v = [torch.zeros((R, P, H, D), dtype=dtype, device=dev) for _ in range(n_layers)]
+        self.head_dim = D
+
+    def layer(self, i):
+        return self.pages[i], self.res_k[i], self.res_v[i]
+
+
+def make_backend(cfg, pool, req_to_token, dev, kernels):
+    be = OscarAttnBackend.__new__(OscarAttnBackend)   # skips the model-runner checks of __init__
+    be.device = torch.device(dev)
+    be.req_to_token_pool = types.SimpleNamespace(req_to_token=req_to_token)
+    be.token_to_kv_pool = pool
+    be.cfg = cfg
+    be.forward_metadata = None
+    be._decode = None
+    be._decode_batch = None
+    be.use_kernels = kernels
+    return be
+
+
+def batch(rows, seq, ext, decode, dev):
+    mode = types.SimpleNamespace(is_decode=lambda: decode)
+    return types.SimpleNamespace(req_pool_indices=torch.tensor(rows, device=dev),
+                                 seq_lens=torch.tensor(seq, device=dev), seq_lens_cpu=torch.tensor(seq),
+                                 extend_seq_lens_cpu=ext, forward_mode=mode)
+
+
+def run_case(dev, P, Hq, H, D, bits, dtype, prefix_lens, steps=3, n_layers=2, seed=0):
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    cfg = OscarConfig(method="oscar", bits=bits, page_size=P)
+    B = len(prefix_lens)
+    R = B + 3
+    rows = torch.randperm(R - 1, generator=torch.Generator().manual_seed(seed))[:B].add(1).tolist()  # row 0: padding
+    max_len = max(prefix_lens) + steps
+    max_pages = -(-max_len // P)
+    num_pages = B * max_pages + 2
+    # Distinct random pages per request (page 0 is SGLang's sink page); slots = page * P + offset.
+    perm = torch.randperm(num_pages - 1, generator=torch.Generator().manual_seed(seed + 1))[: B * max_pages] + 1
+    req_to_token = torch.zeros((R, max_pages * P + 5), dtype=torch.int32, device=dev)
+    for b, row in enumerate(rows):
+        pg = perm[b * max_pages:(b + 1) * max_pages]
+        slots = (pg[:, None] * P + torch.arange(P)[None, :]).flatten()
+        req_to_token[row, : slots.numel()] = slots.to(torch.int32).to(dev)
+    pools = [FakePool(n_layers, num_pages, R, P, H, D, bits, dtype, dev) for _ in range(2)]
+    fast = make_backend(cfg, pools[0], req_to_token, dev, kernels=True)
+    slow = make_backend(cfg, pools[1], req_to_token, dev, kernels=False)
+    layers = [types.SimpleNamespace(tp_q_head_num=Hq, tp_k_head_num=H, qk_head_dim=D, layer_id=i,
+                                    scaling=D ** -0.5, is_cross_attention=False, logit_cap=0,
+                                    sliding_window_size=-1) for i in range(n_layers)]
+
+    def rnd(n, h):
+        x = torch.randn(n, h, D, generator=gen, device=dev)
+        return x.to(dtype).reshape(n, h * D)
+
+    # Prefill (torch path on both): identical inputs, so identical pool state.
+    T = sum(prefix_lens)
+    fb = batch(rows, prefix_lens, list(prefix_lens), False, dev)
+    for be in (fast, slow):
+        be.init_forward_metadata(fb)
+    for layer in layers:
+        q, k, v = rnd(T, Hq), rnd(T, H) * 2, rnd(T, H)
+        for be in (fast, slow):
+            be.forward_extend(q, k, v, layer, fb)
+
+    worst = 0.0
+    seq = list(prefix_lens)
+    for step in range(steps):
+        seq = [s + 1 for s in seq]
+        fb = batch(rows, seq, None, True, dev)
+        for be in (fast, slow):
+            be.init_forward_metadata(fb)
+        assert fast._decode_batch is not None and slow._decode_batch is None
+        for layer in layers:
+            q, k, v = rnd(B, Hq), rnd(B, H) * 2, rnd(B, H)
+            o_fast = fast.forward_decode(q, k, v, layer, fb).float()
+            o_slow = slow.forward_decode(q, k, v, layer, fb).float()
+            assert torch.isfinite(o_fast).all()
+            err = (o_fast - o_slow).abs().max().item() / o_slow.abs().max().item()
+            worst = max(worst, err)
+    # The state left behind is the same: residual rows byte-equal, every written page byte-equal.
+    for i in range(n_layers):
+        for row, s in zip(rows, seq):
+            tail = s % P
+            a, b_ = pools[0].res_k[i][row, :tail], pools[1].res_k[i][row, :tail]
+            assert torch.equal(a, b_)
+            assert torch.equal(pools[0].res_v[i][row, :tail], pools[1].res_v[i][row, :tail])
+            ids = (req_to_token[row, : (s // P) * P : P] // P).long()
+            for f in FIELDS:
+                assert torch.equal(pools[0].pages[i][f][ids], pools[1].pages[i][f][ids]), (f, row, s)
+    return worst, fast
+
+
+# s % P after the prefill: P-1 (completes a page on step 1), 0 (opens one), small (no packed page),
+# a long one, and 2P-1 (a second page completes).
+def lens(P):
+    return [P - 1, P, 5, 37 * P + 11, 2 * P - 1]
+
+
+def test_decode_batched_path_matches_per_request_cpu():
+    # On the CPU the wrapper runs its torch twin: this checks the batched indexing (page table gather,
+    # residual write, completed-page store, res_len), so it must match to float rounding.
+    worst, fast = run_case("cpu", 32, 8, 2, 64, 2, torch.bfloat16, lens(32))
+    assert worst < 1e-5, worst
+    assert not decode_kernels_usable("cpu", fast.cfg, 64)
+
+
+@pytest.mark.parametrize("P,Hq,H,D,bits,dtype", [
+    (64, 32, 8, 128, 2, torch.bfloat16),   # Llama-3.1-8B heads
+    (64, 9, 3, 64, 2, torch.bfloat16),     # SmolLM2-135M heads
+    (32, 8, 8, 128, 4, torch.float16),
+    (128, 32, 8, 128, 4, torch.bfloat16),
+])
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_decode_kernel_path_matches_per_request(P, Hq, H, D, bits, dtype):
+    cfg = OscarConfig(method="oscar", bits=bits, page_size=P)
+    assert decode_kernels_usable("cuda", cfg, D)
+    worst, fast = run_case("cuda", P, Hq, H, D, bits, dtype, lens(P))
+    # Same bound as the kernel tests: fp16 tensor-core arithmetic against the fp32 torch path.
+    assert worst < 2.5e-2, worst
+    print(f"P={P} {Hq}/{H} d={D} int{bits} {dtype}: max rel err {worst:.2e}")
