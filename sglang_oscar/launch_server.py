@@ -8,6 +8,7 @@ config to SGLang's scheduler processes through SGLANG_OSCAR_CONFIG, then runs SG
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import logging
 import os
@@ -114,6 +115,9 @@ def build_argv(cfg: OscarConfig, rest: list[str], on_cuda: bool) -> list[str]:
         for flag in ("--cuda-graph-backend-decode", "--cuda-graph-backend-prefill"):
             if not _has(argv, flag):
                 argv += [flag, "disabled"]
+    if on_cuda and not _has(argv, "--sampling-backend") and importlib.util.find_spec("flashinfer") is None:
+        # SGLang picks FlashInfer's sampler on any CUDA platform; without the package, torch's sampler.
+        argv += ["--sampling-backend", "pytorch"]
     if not on_cuda:
         if not _has(argv, "--device"):
             argv += ["--device", "cpu"]

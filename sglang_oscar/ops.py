@@ -4,6 +4,8 @@ The build goes through torch.utils.cpp_extension.load for sm_90a (Hopper: the de
 bulk async copies and mbarriers). The build directory is $SGLANG_OSCAR_BUILD_DIR, else
 <user cache>/sglang_oscar/ext-<hash of sources>, so a changed source rebuilds and an unchanged one
 loads in a second. `available()` is False without a CUDA device; `load()` raises with the reason.
+The sources are found beside the package in a source checkout, or under $SGLANG_OSCAR_SRC (a
+checkout's root) when the package was installed from a wheel, which carries no C++ sources.
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ import threading
 
 logger = logging.getLogger(__name__)
 
-_ROOT = pathlib.Path(__file__).resolve().parent.parent
+_ROOT = pathlib.Path(os.environ.get("SGLANG_OSCAR_SRC") or pathlib.Path(__file__).resolve().parent.parent)
 CSRC = _ROOT / "csrc"
 LIBS = _ROOT / "libs"
 SOURCES = ("bindings.cpp", "store.cu", "decode.cu")
@@ -55,7 +57,7 @@ def build(verbose: bool = False):
         if _mod is not None:
             return _mod
         if not CSRC.is_dir():
-            raise RuntimeError(f"sglang_oscar CUDA sources not found at {CSRC} (install from a source checkout)")
+            raise RuntimeError(f"sglang_oscar CUDA sources not found at {CSRC} (install from a source checkout, or set SGLANG_OSCAR_SRC to one)")
         from torch.utils.cpp_extension import load
 
         d = build_dir()
