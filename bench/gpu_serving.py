@@ -220,12 +220,12 @@ async def gen_stream(session, url, ids, max_new):
     return {"t0": t0, "times": times, "cached": meta.get("cached_tokens", 0)}
 
 
-async def long_ctx_run(url, n, ctx, max_new, seed):
+async def long_ctx_run(url, n, ctx, max_new, seed, timeout_s=1800):
     """n unique ctx-token prompts at once. Steady decode = the window in which all n are decoding."""
     rng = random.Random(seed)
     prompts = [[rng.randrange(1000, 40000) for _ in range(ctx)] for _ in range(n)]
     samples, stop = [], asyncio.Event()
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=1800),
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout_s),
                                      connector=aiohttp.TCPConnector(limit=n + 4)) as session:
         poller = asyncio.create_task(serving.poll_loads(session, url, samples, stop))
         t0 = time.perf_counter()
@@ -255,12 +255,25 @@ async def long_ctx_run(url, n, ctx, max_new, seed):
 def greedy(url, prompts, max_new):
     outs = []
     for ids in prompts:
-        r = requests.post(url + "/generate", json={"input_ids": ids, "sampling_params": {
+        r = requests.post(url + "/generate", json={"input_ids": ids, "return_logprob": True, "sampling_params": {
             "max_new_tokens": max_new, "temperature": 0, "ignore_eos": True}}, timeout=600)
         r.raise_for_status()
         j = r.json()
-        outs.append({"ids": j["output_ids"], "cached": j["meta_info"].get("cached_tokens", 0)})
+        lp = [t[0] for t in j["meta_info"].get("output_token_logprobs") or []]
+        outs.append({"ids": j["output_ids"], "cached": j["meta_info"].get("cached_tokens", 0), "logprobs": lp})
     return outs
+
+
+def logprob_gap(a, b):
+    """Largest |logprob difference| of the chosen token over the common greedy prefix of each pair."""
+    worst = 0.0
+    for x, y in zip(a, b):
+        for i, (p, q) in enumerate(zip(x["ids"], y["ids"])):
+            if p != q:
+                break
+            if i < len(x["logprobs"]) and i < len(y["logprobs"]):
+                worst = max(worst, abs(x["logprobs"][i] - y["logprobs"][i]))
+    return worst
 
 
 def agreement(a, b):
@@ -357,6 +370,9 @@ class Run:
             json.dump(self.res, f, indent=1, default=str)
 
     def phase(self, name, fn, need_s=0):
+        if name in self.a.skip.split(","):
+            self.res["phases"][name] = "skipped (--skip)"
+            return None
         if self.left() < need_s:
             log(f"SKIP {name}: {self.left():.0f}s left < {need_s}s")
             self.res["phases"][name] = "skipped (time)"
@@ -382,6 +398,7 @@ def main():
     ap.add_argument("--tokenizer", required=True, help="a HF tokenizer dir (with chat template) for the random models")
     ap.add_argument("--work", default=None, help="checkpoints and logs (default: a temp dir in RAM if there is one)")
     ap.add_argument("--servers", default=None, help="start only these (comma list of names)")
+    ap.add_argument("--skip", default="", help="phases to skip (comma list)")
     ap.add_argument("--dry-run", action="store_true", help="CPU, tiny models: checks this script's logic")
     ap.add_argument("--deadline-s", type=float, default=540)
     ap.add_argument("--big-budget-gb", type=float, default=8.0, help="KV budget of each 8B-shape server")
@@ -483,28 +500,36 @@ def body(run, a, up, shapes, big, small):
 
     # correctness: kernels vs torch path, hit vs miss (135M shape)
     def correctness():
+        import threading
         rng = random.Random(1)
         prompts = [[rng.randrange(1000, 40000) for _ in range(n)] for n in (17, 63, 64, 65, 200, 700, 1500, 3000)]
         n_new = 32 if not a.dry_run else 8
         out = {}
-        for name in ("small-oscar-2", "small-oscar-2-torch", "small-bf16"):
-            if name in up:
-                requests.post(up[name] + "/flush_cache", timeout=60)
-                miss = greedy(up[name], prompts, n_new)
-                hit = greedy(up[name], prompts, n_new)
-                out[name] = {"miss": [m["ids"] for m in miss], "hit": [h["ids"] for h in hit],
-                             "cached_hit": [h["cached"] for h in hit], "cached_miss": [m["cached"] for m in miss]}
+
+        def one(name):  # cold (miss) then the same prompts again (radix hit)
+            requests.post(up[name] + "/flush_cache", timeout=60)
+            out[name] = {"miss": greedy(up[name], prompts, n_new), "hit": greedy(up[name], prompts, n_new)}
+        ts = [threading.Thread(target=one, args=(n,)) for n in ("small-oscar-2", "small-oscar-2-torch", "small-bf16")
+              if n in up]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join()
+        ids = {n: {k: [x["ids"] for x in o[k]] for k in o} for n, o in out.items()}
         c = {"prompt_lens": [len(p) for p in prompts], "new_tokens": n_new}
         if "small-oscar-2" in out and "small-oscar-2-torch" in out:
-            c["kernels_vs_torch_path"] = agreement(out["small-oscar-2"]["miss"], out["small-oscar-2-torch"]["miss"])
+            c["kernels_vs_torch_path"] = agreement(ids["small-oscar-2"]["miss"], ids["small-oscar-2-torch"]["miss"])
+            c["kernels_vs_torch_path"]["max_logprob_gap_common_prefix"] = logprob_gap(
+                out["small-oscar-2"]["miss"], out["small-oscar-2-torch"]["miss"])
         for name, o in out.items():
-            c[f"{name}_hit_vs_miss"] = agreement(o["hit"], o["miss"])
-            c[f"{name}_cached_tokens_on_hit"] = o["cached_hit"]
-            c[f"{name}_cached_tokens_on_miss"] = o["cached_miss"]
+            c[f"{name}_hit_vs_miss"] = agreement(ids[name]["hit"], ids[name]["miss"])
+            c[f"{name}_hit_vs_miss"]["max_logprob_gap_common_prefix"] = logprob_gap(o["hit"], o["miss"])
+            c[f"{name}_cached_tokens_on_hit"] = [x["cached"] for x in o["hit"]]
+            c[f"{name}_cached_tokens_on_miss"] = [x["cached"] for x in o["miss"]]
         if "small-oscar-2" in out and "small-bf16" in out:
-            c["oscar2_vs_bf16"] = agreement(out["small-oscar-2"]["miss"], out["small-bf16"]["miss"])
+            c["oscar2_vs_bf16"] = agreement(ids["small-oscar-2"]["miss"], ids["small-bf16"]["miss"])
         R["correctness"] = c
-        log(f"correctness {json.dumps({k: v for k, v in c.items() if 'agree' in k or 'vs' in k})}")
+        log(f"correctness {json.dumps({k: v for k, v in c.items() if 'vs' in k})}")
     run.phase("correctness", correctness, need_s=30)
 
     def add_row(method, model, row):
@@ -513,29 +538,6 @@ def body(run, a, up, shapes, big, small):
         log(f"{method:8s} {model} c={row.get('concurrency')} ctx={row.get('ctx')} "
             f"out {row.get('out_tok_per_s') or 0:.1f} tok/s decode {row.get('decode_tok_per_s') or 0:.1f} tok/s "
             f"TPOT p50 {row.get('tpot_p50_ms') or 0:.1f} ms err {row.get('errors')}")
-
-    # capacity-bound decode at 8k: as many unique requests as each pool holds
-    def capacity_bound():
-        for method in ("bf16", "oscar-2"):
-            name = f"big-{method}"
-            if name not in up:
-                continue
-            tot = total_tokens(up[name])
-            # 5% margin: SGLang reserves decode room per running request; one queued request
-            # would end the steady window (all decoding) before it starts.
-            n = max(1, min(a.max_running, int(tot * 0.95) // (a.long_ctx + a.long_new + 64)))
-            requests.post(up[name] + "/flush_cache", timeout=60)
-            row = asyncio.run(long_ctx_run(up[name], n, a.long_ctx, a.long_new, seed=3))
-            row["kind"] = "capacity-bound (unique prompts, as many as the pool holds)"
-            add_row(method, big, row)
-        rows = [r for r in R["rows"] if r.get("kind", "").startswith("capacity") and r["ctx"] == a.long_ctx]
-        by = {r["method"]: r for r in rows}
-        if "bf16" in by and "oscar-2" in by and by["bf16"].get("decode_tok_per_s") and by["oscar-2"].get(
-                "decode_tok_per_s"):
-            R["throughput_ratio"] = by["oscar-2"]["decode_tok_per_s"] / by["bf16"]["decode_tok_per_s"]
-            R["throughput_ratio_basis"] = (f"steady decode tok/s, {big}, {a.long_ctx}-token unique prompts, "
-                                           f"as many at once as each pool holds")
-    run.phase("capacity-bound-8k", capacity_bound, need_s=120)
 
     # multi-turn chat (bench/serving.py's driver)
     def chat(prefix, model):
@@ -550,12 +552,38 @@ def body(run, a, up, shapes, big, small):
                 add_row(method, model, row)
     run.phase("chat-8b", lambda: chat("big", big), need_s=60)
 
+    # capacity-bound decode at 8k: as many unique requests as each pool holds
+    def capacity_bound():
+        for method in ("bf16", "oscar-2"):
+            name = f"big-{method}"
+            if name not in up:
+                continue
+            tot = total_tokens(up[name])
+            # 5% margin: SGLang reserves decode room per running request; one queued request
+            # would end the steady window (all decoding) before it starts.
+            n = max(1, min(a.max_running, int(tot * 0.95) // (a.long_ctx + a.long_new + 64)))
+            requests.post(up[name] + "/flush_cache", timeout=60)
+            row = asyncio.run(long_ctx_run(up[name], n, a.long_ctx, a.long_new, seed=3,
+                                           timeout_s=max(30, run.left() - 60)))
+            row["kind"] = "capacity-bound (unique prompts, as many as the pool holds)"
+            add_row(method, big, row)
+        rows = [r for r in R["rows"] if r.get("kind", "").startswith("capacity") and r["ctx"] == a.long_ctx]
+        by = {r["method"]: r for r in rows}
+        if "bf16" in by and "oscar-2" in by and by["bf16"].get("decode_tok_per_s") and by["oscar-2"].get(
+                "decode_tok_per_s"):
+            R["throughput_ratio"] = by["oscar-2"]["decode_tok_per_s"] / by["bf16"]["decode_tok_per_s"]
+            R["throughput_ratio_basis"] = (f"steady decode tok/s, {big}, {a.long_ctx}-token unique prompts, "
+                                           f"as many at once as each pool holds")
+    run.phase("capacity-bound-8k", capacity_bound, need_s=120)
+
+
     # longest context at concurrency 1
     def longest():
         for method in ("bf16", "oscar-2"):
             name = f"big-{method}"
             if name in up and run.left() > 45:
-                row = asyncio.run(long_ctx_run(up[name], 1, a.longest_ctx, 64, seed=5))
+                row = asyncio.run(long_ctx_run(up[name], 1, a.longest_ctx, 64, seed=5,
+                                               timeout_s=max(30, run.left() - 25)))
                 row["kind"] = "one long request"
                 add_row(method, big, row)
     run.phase("longest-ctx", longest, need_s=60)

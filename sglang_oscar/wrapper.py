@@ -40,6 +40,13 @@ def _host_ints(x) -> list[int]:
     return [int(v) for v in x]
 
 
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    """Contiguous and 16-byte aligned (the kernels load with vector accesses and check it): a slice
+    such as page_ids[first:] or a view of SGLang's index buffers may start mid-vector."""
+    t = t.contiguous()
+    return t if t.data_ptr() % 16 == 0 else t.clone()
+
+
 def _pool_args(pool: dict):
     return [pool[f] for f in FIELDS]
 
@@ -132,9 +139,9 @@ class DecodeWrapper:
             self._part_lse = torch.empty((1, self.Hq), dtype=torch.float32, device=dev)
         self._plan.update(
             items=t_items, item_start=t_starts, n_items=n_items, any_split=any_split, pages_per_split=pps,
-            page_table_dev=page_table.to(dev, torch.int32) if page_table.dtype != torch.int32 or page_table.device != dev else page_table,
-            res_rows_dev=torch.as_tensor(res_rows, dtype=torch.int64).to(dev).contiguous(),
-            res_len_dev=torch.as_tensor(res_len, dtype=torch.int32).to(dev).contiguous(),
+            page_table_dev=_aligned(page_table.to(dev, torch.int32)),
+            res_rows_dev=_aligned(torch.as_tensor(res_rows, dtype=torch.int64).to(dev)),
+            res_len_dev=_aligned(torch.as_tensor(res_len, dtype=torch.int32).to(dev)),
         )
 
     # ---- launch --------------------------------------------------------------------------------
@@ -150,7 +157,7 @@ class DecodeWrapper:
             raise ValueError(f"q has batch {q.shape[0]}, the plan {pl['B']}")
         ext = ops.load()
         out = torch.empty_like(q) if out is None else out
-        ext.decode(q.contiguous(), *_pool_args(layer_pool), pl["page_table_dev"], res_k, res_v,
+        ext.decode(_aligned(q), *_pool_args(layer_pool), pl["page_table_dev"], res_k, res_v,
                    pl["res_rows_dev"], pl["res_len_dev"], pl["items"], pl["item_start"], self._part_o,
                    self._part_lse, out, pl["n_items"], self.q_chunks, float(scale), self.cfg.bits,
                    self.cfg.rotate, pl["any_split"])
@@ -163,8 +170,8 @@ def store_pages(k, v, page_ids, layer_pool: dict, cfg: OscarConfig) -> None:
         return
     if k.is_cuda and ops.available():
         ext = ops.load()
-        ids = torch.as_tensor(page_ids, device=k.device).to(torch.int64).contiguous()
-        ext.store(k.contiguous(), v.contiguous(), ids, *_pool_args(layer_pool), cfg.bits, cfg.rotate,
+        ids = _aligned(torch.as_tensor(page_ids, device=k.device).to(torch.int64))
+        ext.store(_aligned(k), _aligned(v), ids, *_pool_args(layer_pool), cfg.bits, cfg.rotate,
                   cfg.token_norm)
         return
     packed = quant.store_pages(k, v, cfg)

@@ -146,3 +146,14 @@ def test_decode_kernel_path_matches_per_request(P, Hq, H, D, bits, dtype):
     # Same bound as the kernel tests: fp16 tensor-core arithmetic against the fp32 torch path.
     assert worst < 2.5e-2, worst
     print(f"P={P} {Hq}/{H} d={D} int{bits} {dtype}: max rel err {worst:.2e}")
+
+
+def test_index_slices_are_realigned_for_the_kernels():
+    # page_ids[first:full] in the extend path starts mid-vector when `first` is odd; the kernels
+    # check 16-byte alignment, so the wrapper copies such a slice.
+    from sglang_oscar.wrapper import _aligned
+    ids = torch.arange(10, dtype=torch.int64)[1:]
+    assert ids.data_ptr() % 16 and _aligned(ids).data_ptr() % 16 == 0
+    assert torch.equal(_aligned(ids), ids)
+    whole = torch.arange(10, dtype=torch.int64)
+    assert _aligned(whole) is whole
