@@ -173,12 +173,14 @@ def pool_state(sched) -> dict:
 
 
 def tree_check(sched) -> dict:
-    """Radix tree and pool consistency, run in the scheduler (RadixCache has no sanity_check of its own).
+    """Radix tree and pool consistency, run in the scheduler.
 
-    Tree: every node's value is as long as its key, whole pages only (a partial page never enters the
-    tree), each page contiguous, no page in two nodes or on the free list, lock counts non-negative and
-    never larger than the parent's, evictable/protected counters equal to a fresh recount. Pool: SGLang's
-    own conservation check (available + evictable + protected + running requests' private KV == total).
+    Walks the tree through the tree core's slot walk (the one interface the Python and the Rust tree
+    cores both implement): every cached slot with its depth and predecessor. Tree: only whole pages
+    (a partial page never enters the tree), each page's slots consecutive and in token order, no page
+    cached twice, none on the free list, the padding page never cached, and the evictable/protected
+    counters equal to a recount. Pool: SGLang's own conservation check (available + evictable +
+    protected + running requests' private KV == total).
     """
     import torch
     problems = []
@@ -190,45 +192,32 @@ def tree_check(sched) -> dict:
     out = {"ok": False, "problems": problems}
     try:
         tree, alloc = sched.tree_cache, sched.token_to_kv_pool_allocator
-        page = alloc.page_size
-        nodes = evictable = protected = 0
-        pages = []
-        stack = [(c, tree.root_node) for c in tree.root_node.children.values()]
-        while stack:
-            node, parent = stack.pop()
-            nodes += 1
-            if node.parent is not parent:
-                bad(f"node {node.id}: wrong parent link")
-            if node.value is None:
-                bad(f"node {node.id}: evicted node left in the tree")
-                continue
-            n = len(node.key)
-            if len(node.value) != n or n == 0 or n % page:
-                bad(f"node {node.id}: key {n} tokens, value {len(node.value)} (page {page})")
-            elif n:
-                v = node.value.view(-1, page).to(torch.int64)
-                if not torch.equal(v - v[:, :1], torch.arange(page).expand_as(v)) or bool((v[:, 0] % page).any()):
-                    bad(f"node {node.id}: value is not whole contiguous pages")
-                pages.append(v[:, 0] // page)
-            if node.lock_ref < 0 or (parent is not tree.root_node and parent.lock_ref < node.lock_ref):
-                bad(f"node {node.id}: lock_ref {node.lock_ref}, parent's {parent.lock_ref}")
-            if node.lock_ref == 0:
-                evictable += n
-            else:
-                protected += n
-            stack.extend((c, node) for c in node.children.values())
-        pages = torch.cat(pages) if pages else torch.empty(0, dtype=torch.int64)
-        if pages.numel() != torch.unique(pages).numel():
-            bad(f"{pages.numel() - torch.unique(pages).numel()} pages referenced by two tree nodes")
+        core, page = tree.tree_core, alloc.page_size
+        walk = core.walk_for_kv_canary(unlocked_only=False, swa_resident_only=False)
+        slots, pos, prev = (t.to(torch.int64) for t in (walk.slot_indices, walk.positions,
+                                                         walk.prev_slot_indices))
+        if bool((slots % page != pos % page).any()):
+            bad("a slot sits at a different page offset than its token")
+        inner = pos % page != 0
+        if bool((prev[inner] != slots[inner] - 1).any()):
+            bad("a page's slots are not consecutive in token order")
+        pages, counts = torch.unique(slots // page, return_counts=True)
+        if slots.numel() != torch.unique(slots).numel():
+            bad(f"{slots.numel() - torch.unique(slots).numel()} slots cached twice")
+        if bool((counts != page).any()):
+            bad(f"{int((counts != page).sum())} pages cached partially")
         if bool((pages <= 0).any()):
-            bad("the padding page 0 is referenced by the tree")
+            bad("the padding page 0 is cached")
         free = alloc.get_all_free_pages()
         if free is not None and bool(torch.isin(pages, free.to(torch.int64)).any()):
             bad("tree references pages on the free list")
+        unlocked = core.walk_for_kv_canary(unlocked_only=True, swa_resident_only=False)
+        evictable = int(unlocked.slot_indices.numel())
+        protected = int(slots.numel()) - evictable
         if evictable != tree.evictable_size() or protected != tree.protected_size():
             bad(f"counters evictable {tree.evictable_size()} protected {tree.protected_size()}, "
                 f"recount {evictable} / {protected}")
-        out.update(nodes=nodes, tree_tokens=evictable + protected)
+        out.update(core=type(core).__name__, pages=int(pages.numel()), tree_tokens=int(slots.numel()))
         checker = sched.invariant_checker
         uncached, _ = checker._get_total_uncached_sizes()
         leak, msg = checker._check_full_pool(checker.pool_stats_observer.get_pool_stats(), uncached=uncached)

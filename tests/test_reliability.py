@@ -97,7 +97,7 @@ def test_soak_multi_turn_no_errors_no_leak(srv, record_property):
     assert len(cached) >= 2 * SOAK
     assert sum(c >= PAGE for c in cached) >= len(cached) // 2  # the shared system prompt is served from the tree
     mid = srv.oscar_state()
-    assert mid["tree_check"]["ok"] and mid["tree_check"]["nodes"] > 0, mid["tree_check"]
+    assert mid["tree_check"]["ok"] and mid["tree_check"]["pages"] > 0, mid["tree_check"]
     assert_clean(srv)
     assert srv.oscar_state()["available_tokens"] == total
     assert_paris(srv)
