@@ -633,14 +633,15 @@ def plot(R, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    fig, axes = plt.subplots(1, 3, figsize=(16, 5))
     cap = R.get("capacity") or {}
     if cap.get("bf16_tokens"):
         axes[0].bar(["bf16", "oscar-2"], [cap["bf16_tokens"], cap["oscar_tokens"] or 0], color=["tab:gray", "tab:blue"])
         axes[0].set_title(f"KV capacity (tokens) at {cap.get('kv_budget_gb')} GiB, x{cap.get('ratio') or 0:.2f}",
                           fontsize=9)
     rows = [r for r in R["rows"] if r.get("out_tok_per_s")]
-    labels = [f"{r['method']}\n{r['model'].split('-')[0]} c={r['concurrency']}\nctx={r['ctx']}" for r in rows]
+    size = {"llama3-8b-shape": "8B", "smollm2-135m-shape": "135M"}
+    labels = [f"{r['method']} {size.get(r['model'], r['model'])} c={r['concurrency']} {r['ctx']}" for r in rows]
     xs = range(len(rows))
     axes[1].bar(xs, [r.get("decode_tok_per_s") or r["out_tok_per_s"] for r in rows],
                 color=["tab:gray" if r["method"] == "bf16" else "tab:blue" for r in rows])
@@ -650,7 +651,7 @@ def plot(R, path):
     axes[2].set_title("TPOT p50 (ms)", fontsize=9)
     for ax in axes[1:]:
         ax.set_xticks(list(xs))
-        ax.set_xticklabels(labels, fontsize=6)
+        ax.set_xticklabels(labels, fontsize=7, rotation=60, ha="right")
     fig.suptitle(f"SGLang 0.5.23 + sglang_oscar on {R.get('hardware')} (random weights, real shapes)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
