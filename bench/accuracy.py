@@ -424,6 +424,8 @@ class Study:
     def run(self):
         rows = MAIN_ROWS[:4] if self.args.quick else MAIN_ROWS
         cfgs = [OscarConfig(method=m, bits=b, page_size=p) for m, b, p in rows]
+        if self.args.plan:
+            return self.run_plan(cfgs)
         head, rest = cfgs[:4], cfgs[4:]  # bf16, kivi-2, quarot-2, oscar-2: the headline comparison first
         # Cheapest pieces first, so an interrupted run (continued with --resume) has the most rows.
         for cfg in head:
@@ -437,6 +439,22 @@ class Study:
         self.result["complete"] = True
         self.save()
         self.log("done")
+
+    def run_plan(self, cfgs):
+        """Only the pieces named in --plan, in that order (several processes can share a study:
+        each writes its own JSON, merged afterwards with --merge)."""
+        by_name = {self.row(c)["name"]: c for c in cfgs}
+        for piece in self.args.plan.split(","):
+            kind, _, name = piece.partition(":")
+            if kind == "ppl":
+                self.ppl_and_agreement(by_name[name])
+            elif kind == "passkey":
+                self.passkeys([by_name[name]])
+            elif kind in ("study", "study-passkey"):
+                self.prefill_study(with_passkey=kind == "study-passkey")
+            else:
+                raise SystemExit(f"unknown piece {piece!r}")
+        self.log("plan done")
 
     def passkeys(self, cfgs):
         for cfg in cfgs:
@@ -529,6 +547,29 @@ def table(res):
     return "\n".join(lines)
 
 
+def merge(paths, out):
+    """Union of the rows (field by field) and of the prefill study of several partial runs of one study."""
+    runs = [json.loads(Path(p).read_text()) for p in paths]
+    res = runs[0]
+    order = [tuple(r) for r in MAIN_ROWS]
+    rows = {}
+    for run in runs:
+        for r in run["rows"]:
+            rows.setdefault((r["method"], r["bits"] if r["method"] != "bf16" else 2, r["page_size"]), {}).update(r)
+        for mode, d in run.get("prefill_study", {}).items():
+            if isinstance(d, dict):
+                res["prefill_study"].setdefault(mode, {}).update(d)
+            else:
+                res["prefill_study"][mode] = d
+    res["rows"] = [rows[k] for k in order if k in rows]
+    res["complete"] = all(("ppl" in r and "passkey" in r) for r in res["rows"]) and len(res["rows"]) == len(order)
+    res["elapsed_s"] = max(run.get("elapsed_s", 0) + run.get("elapsed_before_resume_s", 0) for run in runs)
+    res["merged_from"] = len(runs)
+    out.write_text(json.dumps(res, indent=1))
+    plot(res, out.with_suffix(".png"))
+    print(table(res))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="small smoke run")
@@ -539,11 +580,17 @@ def main():
     ap.add_argument("--out", help="results JSON (default bench/results/accuracy.json; the PNG goes next to it)")
     ap.add_argument("--resume", action="store_true", help="keep what the JSON already holds, run the rest")
     ap.add_argument("--table", metavar="JSON", help="print the results table of a finished run and exit")
+    ap.add_argument("--plan", help="run only these pieces, in order: ppl:NAME, passkey:NAME, study, "
+                    "study-passkey (NAME as in the table, e.g. oscar-2/p32); needs --resume for the bf16 answers")
+    ap.add_argument("--merge", nargs="+", metavar="JSON", help="merge the rows of partial runs into --out and exit")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (1 avoids OpenMP stalls on small shared machines)")
     args = ap.parse_args()
     if args.table:
         print(table(json.loads(Path(args.table).read_text())))
+        return
+    if args.merge:
+        merge(args.merge, Path(args.out or RESULTS / "accuracy.json"))
         return
     torch.set_num_threads(args.threads)
     Study(args).run()
