@@ -278,7 +278,7 @@ class Study:
         self.eng = Engine(args.model or default_model_path(), args.device)
         tok = self.eng.tok
         self.docs = load_text(tok, args.quick)
-        self.lengths = [1024, 2048] if args.quick else [1024, 2048, 4096, 8192]
+        self.lengths = [1024, 2048] if args.quick else [int(x) for x in args.lengths.split(",")]
         self.trials = 3 if args.quick else args.trials
         self.n_prompts = 4 if args.quick else args.prompts
         self.gen = 16 if args.quick else 64
@@ -343,17 +343,22 @@ class Study:
             tot, n = tot + s, n + c
         return math.exp(tot / n)
 
-    def passkey(self, cfg, keep_raw=False):
+    def passkey(self, cfg, keep_raw=False, acc=None):
         """Accuracy per length. Trials share the filler before their needle: one base run per
         config, each trial resumes from its needle's page (page mode: the packed prefix is exactly
         what a cold run stores). keep_raw: the chunk study's cold single-chunk prefill, where the
-        whole prompt attends in bf16 (qb = 0) and only decode reads the packed pages."""
+        whole prompt attends in bf16 (qb = 0) and only decode reads the packed pages.
+        acc: the result dict, filled in place and saved length by length (lengths already in it
+        are skipped, so an interrupted run loses at most one length)."""
         eng = self.eng
+        acc = {} if acc is None else acc
+        todo = [L for L in self.lengths if str(L) not in acc]
+        if not todo:
+            return acc
         base = eng.new()
         eng.forward(cfg, [base], [self.intro + [t for s in self.filler for t in s]][:1],
                     prefix_lens=[0], keep_raw=keep_raw)
-        acc = {}
-        for L in self.lengths:
+        for L in todo:
             hits = 0
             for j, key in enumerate(self.keys[L]):
                 depth = j / max(1, self.trials - 1)
@@ -367,6 +372,7 @@ class Study:
                 hits += str(key) in eng.tok.decode(out)
             acc[str(L)] = hits / self.trials
             self.log(f"  {cfg.name}/p{cfg.page_size}/{cfg.prefill} passkey {L}: {acc[str(L)]:.2f}")
+            self.save()
         return acc
 
     @staticmethod
@@ -458,9 +464,7 @@ class Study:
 
     def passkeys(self, cfgs):
         for cfg in cfgs:
-            if "passkey" not in self.row(cfg):
-                self.row(cfg)["passkey"] = self.passkey(cfg)
-                self.save()
+            self.passkey(cfg, acc=self.row(cfg).setdefault("passkey", {}))
 
     def prefill_study(self, with_passkey=True):
         st = self.result["prefill_study"]
@@ -482,10 +486,9 @@ class Study:
                      f"{d['hit_vs_miss_agreement']:.4f}")
             self.save()
         st["page"]["passkey"] = main.get("passkey")  # the main oscar-2 row is the page-mode run
-        if with_passkey and "passkey" not in st["chunk"]:
+        if with_passkey:
             cfg = OscarConfig(method="oscar", bits=2, page_size=64, prefill="chunk")
-            st["chunk"]["passkey"] = self.passkey(cfg, keep_raw=True)
-            self.save()
+            self.passkey(cfg, keep_raw=True, acc=st["chunk"].setdefault("passkey", {}))
         st["note"] = ("page: every query reads earlier pages packed and its own page in bf16 (prefill as "
                       "decode); chunk: a cold single-chunk prefill attends in bf16 throughout and only "
                       "decode reads packed pages; hit vs miss: the first half of each prompt (whole "
@@ -562,7 +565,9 @@ def merge(paths, out):
             else:
                 res["prefill_study"][mode] = d
     res["rows"] = [rows[k] for k in order if k in rows]
-    res["complete"] = all(("ppl" in r and "passkey" in r) for r in res["rows"]) and len(res["rows"]) == len(order)
+    lengths = [str(L) for L in res["passkey"]["lengths"]]
+    res["complete"] = len(res["rows"]) == len(order) and all(
+        "ppl" in r and all(L in r.get("passkey", {}) for L in lengths) for r in res["rows"])
     res["elapsed_s"] = max(run.get("elapsed_s", 0) + run.get("elapsed_before_resume_s", 0) for run in runs)
     res["merged_from"] = len(runs)
     out.write_text(json.dumps(res, indent=1))
@@ -580,6 +585,7 @@ def main():
     ap.add_argument("--out", help="results JSON (default bench/results/accuracy.json; the PNG goes next to it)")
     ap.add_argument("--resume", action="store_true", help="keep what the JSON already holds, run the rest")
     ap.add_argument("--table", metavar="JSON", help="print the results table of a finished run and exit")
+    ap.add_argument("--lengths", default="1024,2048,4096,8192", help="passkey prompt lengths")
     ap.add_argument("--plan", help="run only these pieces, in order: ppl:NAME, passkey:NAME, study, "
                     "study-passkey (NAME as in the table, e.g. oscar-2/p32); needs --resume for the bf16 answers")
     ap.add_argument("--merge", nargs="+", metavar="JSON", help="merge the rows of partial runs into --out and exit")

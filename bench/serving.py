@@ -281,12 +281,12 @@ def main():
     ap.add_argument("--url", help="drive this running server instead of starting servers")
     ap.add_argument("--methods", default="bf16,oscar-2,oscar-4")
     ap.add_argument("--concurrency", default="1,4,16,64")
-    ap.add_argument("--budget-gb", type=float, default=0.06,
+    ap.add_argument("--budget-gb", type=float, default=0.5,
                     help="identical KV memory for every method (small, so admission is memory-bound)")
-    ap.add_argument("--max-running", type=int, default=16)
+    ap.add_argument("--max-running", type=int, default=64)
     ap.add_argument("--max-tokens", type=int, default=4)
-    ap.add_argument("--admission-requests", type=int, default=16)
-    ap.add_argument("--admission-prompt", type=int, default=320)
+    ap.add_argument("--admission-requests", type=int, default=64)
+    ap.add_argument("--admission-prompt", type=int, default=1024)
     ap.add_argument("--no-admission", action="store_true")
     ap.add_argument("--quick", action="store_true", help="smoke run: two small levels, tiny admission")
     ap.add_argument("--out", default=RESULTS)
@@ -296,11 +296,12 @@ def main():
     levels = [int(c) for c in a.concurrency.split(",")]
     if a.quick:
         levels, a.admission_requests, a.admission_prompt = [1, 4], 6, 200
-    # Users and turns per level: bounded so the full run fits a small CPU; wide levels get fewer turns.
+    # Users and turns per level: every user chats 4-8 turns (at least 2 users, so c=1 also sees
+    # another conversation's pages in the cache).
     def plan(c):
         if a.quick:
             return max(2, c), (2, 2)
-        return {1: (1, (4, 4)), 4: (4, (4, 4)), 16: (16, (2, 2))}.get(c, (c, (1, 1)))
+        return max(2, c), (4, 8)
 
     os.makedirs(a.out, exist_ok=True)
     tag = "serving-quick" if a.quick else "serving"
