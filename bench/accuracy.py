@@ -558,7 +558,11 @@ def merge(paths, out):
     rows = {}
     for run in runs:
         for r in run["rows"]:
-            rows.setdefault((r["method"], r["bits"] if r["method"] != "bf16" else 2, r["page_size"]), {}).update(r)
+            row = rows.setdefault((r["method"], r["bits"] if r["method"] != "bf16" else 2, r["page_size"]), {})
+            passkey = {**(row.get("passkey") or {}), **(r.get("passkey") or {})}  # lengths from every run
+            row.update({k: v for k, v in r.items() if v is not None})
+            if passkey:
+                row["passkey"] = passkey
         for mode, d in run.get("prefill_study", {}).items():
             if isinstance(d, dict):
                 res["prefill_study"].setdefault(mode, {}).update(d)

@@ -321,11 +321,7 @@ def attention_step_ms(shape, B, ctx, P=64, bits=2, iters=10):
         pg = perm[b * pages_per:(b + 1) * pages_per]
         req_to_token[b + 1] = (pg[:, None] * P + torch.arange(P)[None, :]).flatten().to(torch.int32).to(dev)
     pool = types.SimpleNamespace(layer=lambda i: (pages[i], res_k[i], res_v[i]))
-    be = OscarAttnBackend.__new__(OscarAttnBackend)
-    be.device, be.cfg, be.token_to_kv_pool = torch.device(dev), cfg, pool
-    be.req_to_token_pool = types.SimpleNamespace(req_to_token=req_to_token)
-    be.forward_metadata = be._decode = be._decode_batch = None
-    be.use_kernels = True
+    be = OscarAttnBackend.detached(cfg, pool, req_to_token, dev, use_kernels=True)
     layers = [types.SimpleNamespace(tp_q_head_num=Hq, tp_k_head_num=H, qk_head_dim=D, layer_id=i, scaling=D ** -0.5,
                                     is_cross_attention=False, logit_cap=0, sliding_window_size=-1) for i in range(L)]
     q = torch.randn(B, Hq * D, device=dev, dtype=torch.bfloat16)
@@ -433,6 +429,15 @@ def main():
                   "max_running_requests": a.max_running, "server_flags": GPU_FLAGS, "dry_run": a.dry_run}
     if a.big_layers:
         R["notes"].append(f"8B shape with {a.big_layers} layers instead of 32")
+    R["notes"] += [
+        "random weights of real shapes; all servers: SGLang 0.5.23 from the bundle, no CUDA graphs, torch "
+        f"sampling, unfused torch norms/RoPE (bundle shim), --max-running-requests {a.max_running}, the same "
+        "--oscar-kv-budget-gb per model",
+        "oscar backend on CUDA: decode and prefill (extend) run the CUDA kernels (plan once per batch; extend = "
+        "one decode-kernel query per token over its earlier packed pages plus its own raw page); the "
+        "small-oscar-2-torch server runs the backend's torch path for both (SGLANG_OSCAR_DECODE=torch)",
+        "out_tok_per_s of the capacity-bound rows counts the whole wall time, prefill included; "
+        "decode_tok_per_s is the steady window in which every request is decoding (throughput_ratio uses it)"]
     # Servers start in a directory of their own, so they import the installed package, not this checkout.
     os.chdir(work)
 

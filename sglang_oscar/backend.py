@@ -9,11 +9,16 @@ Per request and layer, one step (prefill chunk, mixed chunk or decode token) doe
 Packing before attention is what makes prefill page-consistent: a query attends to its earlier
 pages exactly as a later decode step will.
 
-On CUDA, decode batches run the fused kernels through wrapper.DecodeWrapper instead (same semantics,
-batched): plan() once per batch from host-side lengths, then per layer one index_put of the new token
-into its residual row, one store launch for the pages this token completes, one decode launch.
-Extend (prefill, mixed chunks) stays on the per-request torch path above on every device.
-Set SGLANG_OSCAR_DECODE=torch to force the torch path for decode too (e.g. to compare outputs).
+On CUDA, batches run the fused kernels through wrapper.DecodeWrapper instead (same semantics,
+batched): plan() once per batch from host-side lengths, then per layer
+  - decode: one index_put of the new token into its residual row, one store launch for the pages
+    this token completes, one decode launch;
+  - extend (prefill, chunked and mixed batches): the step's raw K/V and the requests' residuals are
+    laid out as raw pages in a scratch buffer, the pages they complete are packed in one store launch,
+    and every query token runs as its own decode query over its earlier packed pages plus its own raw
+    page, which is exactly what page-consistent prefill means (so no separate kernel is needed).
+OScaR's chunk prefill (only the cached prefix packed) and the CPU stay on the per-request torch path.
+Set SGLANG_OSCAR_DECODE=torch to force the torch path on CUDA too (e.g. to compare outputs).
 """
 from __future__ import annotations
 
@@ -49,19 +54,35 @@ class OscarAttnBackend(AttentionBackend):
             raise RuntimeError(f"the oscar backend needs the OScaR KV pool, got {type(pool).__name__} "
                                "(the plugin's pool hook did not take effect)")
         verify_hooks(model_runner)
-        self.device = model_runner.device
-        self.req_to_token_pool = model_runner.req_to_token_pool
+        self._setup(pool.oscar, pool, model_runner.req_to_token_pool, model_runner.device,
+                    decode_kernels_usable(model_runner.device, pool.oscar, pool.head_dim))
+
+    def _setup(self, cfg, pool, req_to_token_pool, device, use_kernels):
+        self.device = torch.device(device)
+        self.req_to_token_pool = req_to_token_pool
         self.token_to_kv_pool = pool
-        self.cfg = pool.oscar
+        self.cfg = cfg
+        self.use_kernels = use_kernels
         self.forward_metadata = None
         self._decode = None        # CUDA DecodeWrapper, built at the first decode layer (needs Hq/H/D/dtype)
         self._decode_batch = None  # this decode batch's device-side indices, planned lazily
-        self.use_kernels = decode_kernels_usable(self.device, self.cfg, pool.head_dim)
+        self._extend = None        # the wrapper extend batches run through (planned per batch)
+        self._extend_batch = None  # this extend batch's device-side indices
+
+    @classmethod
+    def detached(cls, cfg, pool, req_to_token, device, use_kernels):
+        """A backend outside SGLang's model runner, for tests and benchmarks that drive it with fake
+        batches: `pool` needs only .layer(i) -> (pages, res_k, res_v); req_to_token [rows, slots]."""
+        import types
+        be = cls.__new__(cls)
+        AttentionBackend.__init__(be)
+        be._setup(cfg, pool, types.SimpleNamespace(req_to_token=req_to_token), device, use_kernels)
+        return be
 
     # ---- metadata: host-side lists, once per batch ---------------------------------------------
     def init_forward_metadata(self, fb):
         seq = fb.seq_lens_cpu.tolist() if fb.seq_lens_cpu is not None else fb.seq_lens.tolist()
-        self._decode_batch = None
+        self._decode_batch = self._extend_batch = None
         if self.use_kernels and fb.forward_mode.is_decode():
             # Fast path: no per-request lists; the first layer's forward_decode plans the wrapper.
             self.forward_metadata = None
@@ -74,6 +95,59 @@ class OscarAttnBackend(AttentionBackend):
             ext = list(fb.extend_seq_lens_cpu)
         prefix = [s - e for s, e in zip(seq, ext)]
         self.forward_metadata = (rows, prefix, ext)
+        if self.use_kernels and not fb.forward_mode.is_decode() and self.cfg.prefill == "page":
+            self._extend_batch = self._prepare_extend(rows, prefix, ext, fb.seq_lens.device)
+
+    def _prepare_extend(self, rows, prefix, ext, dev) -> dict:
+        """Device indices of one extend batch (host loops over its tokens, once per batch).
+
+        Request i's raw tokens of this step, from its page-aligned base (its residual, then the new
+        tokens), fill rows off_i.. of a scratch buffer of raw pages [n_rows, P, H, D]. Its full
+        rows are the pages this step completes; its partial last row becomes its new residual. The
+        query at position p is a decode query with p // P packed pages and scratch row
+        off_i + (p - base) // P holding its own page's first p % P + 1 tokens.
+        """
+        P = self.cfg.page_size
+        dst_new, res_row, res_slot, res_dst = [], [], [], []
+        store_tmp, store_row, store_col, tail_tmp, tail_row = [], [], [], [], []
+        q_req, q_pages, q_res_row, q_res_len = [], [], [], []
+        off = 0
+        for i, (row, pre, e) in enumerate(zip(rows, prefix, ext)):
+            seq, base = pre + e, pre // P * P
+            first, full, r = pre // P, seq // P, pre - base
+            res_row += [row] * r
+            res_slot += range(r)
+            res_dst += range(off * P, off * P + r)
+            dst_new += range(off * P + r, off * P + r + e)
+            store_tmp += range(off, off + full - first)
+            store_row += [row] * (full - first)
+            store_col += [j * P for j in range(first, full)]
+            if seq > full * P:
+                tail_tmp.append(off + full - first)
+                tail_row.append(row)
+            q_req += [i] * e
+            for p in range(pre, seq):
+                q_pages.append(p // P)
+                q_res_row.append(off + (p - base) // P)
+                q_res_len.append(p % P + 1)
+            off += -(-(seq - base) // P)
+
+        def t(x, dtype=torch.int64):
+            return torch.tensor(x, dtype=dtype).to(dev, non_blocking=True)
+
+        req_to_token = self.req_to_token_pool.req_to_token
+        width = max(1, max(q_pages, default=0))
+        cols = torch.arange(width, device=dev, dtype=torch.int64) * P
+        cols = torch.minimum(cols, torch.tensor(req_to_token.shape[1] - 1, device=dev))
+        req_table = (req_to_token[t(rows)[:, None], cols[None, :]] // P).to(torch.int32)
+        store = None
+        if store_tmp:
+            store = (t(store_tmp), (req_to_token[t(store_row), t(store_col)] // P).to(torch.int64))
+        return dict(n_rows=off, dst_new=t(dst_new),
+                    res=(t(res_row), t(res_slot), t(res_dst)) if res_dst else None,
+                    store=store, tail=(t(tail_tmp), t(tail_row)) if tail_tmp else None,
+                    page_table=req_table[t(q_req)], num_pages_cpu=q_pages,
+                    res_rows=t(q_res_row), res_len=t(q_res_len, torch.int32), planned=False)
 
     def _prepare_decode(self, req_pool_indices, seq_lens, seq_cpu: list[int]) -> dict:
         """Device indices of one decode batch (the token at position s-1, s = seq_len incl. it).
@@ -115,6 +189,8 @@ class OscarAttnBackend(AttentionBackend):
 
     def forward_extend(self, q, k, v, layer, fb, save_kv_cache=True, **kw):
         self._check(layer, save_kv_cache)
+        if self._extend_batch is not None:
+            return self._forward_extend_kernels(q, k, v, layer)
         return self._forward_requests(q, k, v, layer)
 
     def forward_decode(self, q, k, v, layer, fb, save_kv_cache=True, **kw):
@@ -129,14 +205,7 @@ class OscarAttnBackend(AttentionBackend):
         k = k.reshape(-1, H, D)
         v = v.reshape(-1, H, D)
         b = self._decode_batch
-        if self._decode is None or (self._decode.Hq, self._decode.H, self._decode.D, self._decode.dtype) != \
-                (Hq, H, D, q.dtype):
-            from .wrapper import DecodeWrapper
-            self._decode = DecodeWrapper(self.cfg, Hq, H, D, q.dtype, q.device)
-            b["planned"] = False
-        if not b["planned"]:  # once per batch: the split schedule depends only on the lengths
-            self._decode.plan(b["page_table"], b["num_pages_cpu"], b["rows"], b["res_len"])
-            b["planned"] = True
+        self._decode = self._planned(self._decode, b, b["rows"], Hq, H, D, q)
         pages, res_k, res_v = self.token_to_kv_pool.layer(layer.layer_id)
         res_k[b["rows"], b["slot"]] = k.to(res_k.dtype)
         res_v[b["rows"], b["slot"]] = v.to(res_v.dtype)
@@ -144,6 +213,45 @@ class OscarAttnBackend(AttentionBackend):
             d_rows, d_pages = b["store"]
             store(res_k[d_rows], res_v[d_rows], d_pages, pages, self.cfg)
         out = self._decode.run(q, pages, res_k, res_v, sm_scale=layer.scaling)
+        return out.reshape(-1, Hq * D)
+
+    def _planned(self, w, b, res_rows, Hq, H, D, q):
+        """`w`, (re)built for this layer's shapes and planned once per batch `b` (the split schedule
+        depends only on the lengths)."""
+        if w is None or (w.Hq, w.H, w.D, w.dtype) != (Hq, H, D, q.dtype):
+            from .wrapper import DecodeWrapper
+            w = DecodeWrapper(self.cfg, Hq, H, D, q.dtype, q.device)
+            b["planned"] = False
+        if not b["planned"]:
+            w.plan(b["page_table"], b["num_pages_cpu"], res_rows, b["res_len"])
+            b["planned"] = True
+        return w
+
+    def _forward_extend_kernels(self, q, k, v, layer):
+        Hq, H, D, P = layer.tp_q_head_num, layer.tp_k_head_num, layer.qk_head_dim, self.cfg.page_size
+        q = q.reshape(-1, Hq, D)
+        b = self._extend_batch
+        self._extend = self._planned(self._extend, b, b["res_rows"], Hq, H, D, q)
+        pages, res_k, res_v = self.token_to_kv_pool.layer(layer.layer_id)
+        scratch = []
+        for new, res in ((k, res_k), (v, res_v)):
+            # zeros: the kernel reads whole raw pages and masks past res_len (no NaN garbage there)
+            raw = res.new_zeros((b["n_rows"], P, H, D))
+            flat = raw.view(-1, H, D)
+            flat[b["dst_new"]] = new.reshape(-1, H, D).to(res.dtype)
+            if b["res"] is not None:
+                r_row, r_slot, r_dst = b["res"]
+                flat[r_dst] = res[r_row, r_slot]
+            scratch.append(raw)
+        raw_k, raw_v = scratch
+        if b["store"] is not None:  # pages this step completes: packed before any query reads them
+            tmp, page_ids = b["store"]
+            store(raw_k[tmp], raw_v[tmp], page_ids, pages, self.cfg)
+        if b["tail"] is not None:   # the new partial pages become the residual rows
+            tmp, rows = b["tail"]
+            res_k[rows] = raw_k[tmp]
+            res_v[rows] = raw_v[tmp]
+        out = self._extend.run(q, pages, raw_k, raw_v, sm_scale=layer.scaling)
         return out.reshape(-1, Hq * D)
 
     def _forward_requests(self, q, k, v, layer):

@@ -129,6 +129,10 @@ def build_argv(cfg: OscarConfig, rest: list[str], on_cuda: bool) -> list[str]:
                 argv += [flag, val]
         if not _has(argv, "--skip-server-warmup"):
             argv.append("--skip-server-warmup")
+        if not _has(argv, "--sleep-on-idle"):
+            # An idle scheduler otherwise busy-polls one core, which the running server's torch threads
+            # (or a second server on the same machine) then lack.
+            argv.append("--sleep-on-idle")
     return argv
 
 

@@ -26,3 +26,18 @@ def load_default_model(default_model_dir):
         model = AutoModelForCausalLM.from_pretrained(default_model_dir, dtype=dtype).eval()
         return model, tok
     return load
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """On a failure, append the tail of each server log the test used, so CI output shows the cause."""
+    outcome = yield
+    rep = outcome.get_result()
+    if not rep.failed:
+        return
+    from pathlib import Path
+    for name in getattr(item, "fixturenames", ()):
+        path = getattr(item.funcargs.get(name) if hasattr(item, "funcargs") else None, "log_path", None)
+        if path and Path(path).exists():
+            tail = Path(path).read_text(errors="replace").splitlines()[-60:]
+            rep.sections.append((f"server log tail ({name}: {path})", "\n".join(tail)))

@@ -221,7 +221,29 @@ def two_turns(srv, prefix, follow_up, n_new=8):
     return a["output_ids"], b["output_ids"], b["meta_info"]["cached_tokens"]
 
 
+def forced_gaps(srv, context, tokens):
+    """For each of `tokens` after `context`: log-prob of the best token minus that of the given one,
+    scored in one prefill on the server (an idle, unpressured pass)."""
+    # SGLang reports no log-prob for the token at logprob_start_len itself, so start one earlier.
+    r = srv.generate(context + tokens, max_new_tokens=1, return_logprob=True,
+                     logprob_start_len=len(context) - 1, top_logprobs_num=1)
+    meta = r["meta_info"]
+    given, top = meta["input_token_logprobs"][-len(tokens):], meta["input_top_logprobs"][-len(tokens):]
+    assert [tid for _, tid, _ in given] == tokens
+    chosen, best = [lp for lp, _, _ in given], [t[0][0] for t in top]
+    return [b - c for b, c in zip(best, chosen)]
+
+
 def test_memory_pressure_queues_evicts_and_recomputes(srv, record_property):
+    """More long two-turn conversations at once than the pool holds: they queue or are retracted, their
+    prefixes are evicted and recomputed, and every answer is still the model's own greedy answer.
+
+    Exact token equality with a one-at-a-time run is reported, not asserted: bf16 matmuls on a CPU round
+    differently with the batch shape, so near-ties flip and the continuation then differs (plain
+    SGLang does the same). Instead every token produced under pressure is scored teacher-forced by
+    the idle server: a greedy token from the right KV is at (or within rounding of) the arg-max,
+    while a token from evicted-and-wrongly-recomputed or foreign KV is nats away from it.
+    """
     srv.flush()
     total = srv.oscar_state()["max_total_num_tokens"]
     n_conv = MAX_RUNNING
@@ -229,13 +251,6 @@ def test_memory_pressure_queues_evicts_and_recomputes(srv, record_property):
     prefixes = [english_ids(srv, plen, seed) for seed in range(n_conv)]
     follow = english_ids(srv, 24, 99)
     assert all(len(p) == plen for p in prefixes)
-
-    # Unpressured reference: one conversation at a time on an empty cache.
-    ref = []
-    for p in prefixes:
-        srv.flush()
-        ref.append(two_turns(srv, p, follow)[:2])
-    srv.flush()
 
     # Pressured: all at once; together they need ~2x the pool, so requests queue or are retracted and
     # the prefixes of earlier turns get evicted and recomputed.
@@ -261,13 +276,27 @@ def test_memory_pressure_queues_evicts_and_recomputes(srv, record_property):
         stop.set()
         poller.join()
     record_property("pressure_peak_used_tokens", peak["used"])
+    record_property("pressure_peak_waiting", peak["waiting"])
     record_property("pressure_pool_tokens", total)
     assert n_conv * (plen + 40) > 1.5 * total  # the test really oversubscribes the pool
-    agree = [sum(u == v for u, v in zip(r_out, g_out)) / len(r_out)
-             for (r1, r2), (g1, g2, _) in zip(ref, got) for r_out, g_out in ((r1, g1), (r2, g2))]
-    record_property("pressure_greedy_agreement", sum(agree) / len(agree))
-    # Batched vs single decode differ slightly in bf16 on a CPU, so allow a rare late flip, not a wrong answer.
-    assert sum(agree) / len(agree) >= 0.9, agree
-    assert sum(a == 1.0 for a in agree) >= len(agree) - 2, agree
+    assert all(len(g1) == 8 and len(g2) == 8 for g1, g2, _ in got)
+
+    # Teacher-forced check of every pressured answer, one conversation at a time on a cold cache.
+    gaps, exact = [], []
+    for p, (g1, g2, _) in zip(prefixes, got):
+        srv.flush()
+        gaps += forced_gaps(srv, p, g1)
+        gaps += forced_gaps(srv, p + g1 + follow, g2)
+        srv.flush()
+        r1, r2, _ = two_turns(srv, p, follow)
+        exact += [sum(u == v for u, v in zip(r, g)) / len(r) for r, g in ((r1, g1), (r2, g2))]
+    record_property("pressure_exact_agreement", sum(exact) / len(exact))
+    record_property("pressure_max_forced_gap", max(gaps))
+    print(f"pressure: exact agreement {sum(exact) / len(exact):.3f}, teacher-forced gap to arg-max: "
+          f"max {max(gaps):.3f} mean {sum(gaps) / len(gaps):.4f} nats over {len(gaps)} tokens")
+    # Near-ties only: a flipped token sits within bf16 rounding of the best; wrong KV is nats off.
+    assert max(gaps) < 1.5, gaps
+    assert sum(gaps) / len(gaps) < 0.1, gaps
+    assert sum(g < 1e-6 for g in gaps) >= 0.75 * len(gaps), gaps
     assert_clean(srv)
     assert_paris(srv)
