@@ -572,8 +572,11 @@ def merge(paths, out):
     lengths = [str(L) for L in res["passkey"]["lengths"]]
     res["complete"] = len(res["rows"]) == len(order) and all(
         "ppl" in r and all(L in r.get("passkey", {}) for L in lengths) for r in res["rows"])
-    res["elapsed_s"] = max(run.get("elapsed_s", 0) + run.get("elapsed_before_resume_s", 0) for run in runs)
-    res["merged_from"] = len(runs)
+    # wall time of each merged run (a merged input contributes its own list)
+    res["run_s"] = [t for run in runs
+                    for t in run.get("run_s", [run.get("elapsed_s", 0) + run.get("elapsed_before_resume_s", 0)])]
+    res["elapsed_s"] = max(res["run_s"])
+    res["merged_from"] = sum(run.get("merged_from", 1) for run in runs)
     out.write_text(json.dumps(res, indent=1))
     plot(res, out.with_suffix(".png"))
     print(table(res))

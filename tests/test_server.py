@@ -176,6 +176,23 @@ def test_malformed_requests_get_4xx_and_server_lives(oscar):
     assert "Paris" in r["choices"][0]["message"]["content"]
 
 
+def test_idle_server_does_not_spin(oscar):
+    # SGLang's scheduler busy-polls a core while idle unless --sleep-on-idle, which the launcher sets on
+    # a CPU: otherwise a second server, or the client, gets half a 2-core machine.
+    import time
+
+    import psutil
+    oscar.chat([{"role": "user", "content": "hi"}], max_tokens=2)
+    time.sleep(2)
+    procs = [psutil.Process(oscar.proc.pid), *psutil.Process(oscar.proc.pid).children(recursive=True)]
+
+    def cpu_s():
+        return sum(sum(p.cpu_times()[:2]) for p in procs)
+    before = cpu_s()
+    time.sleep(5)
+    assert cpu_s() - before < 1.0  # a spinning scheduler alone burns ~5 s here
+
+
 def test_capacity_at_equal_memory_is_5x_bf16(oscar, bf16):
     o, b = oscar.info()["max_total_num_tokens"], bf16.info()["max_total_num_tokens"]
     assert o / b >= 5.0, (o, b)
