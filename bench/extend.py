@@ -1,7 +1,8 @@
 """Prefill (extend) attention of the oscar backend on CUDA: one layer, one request, a chunk of T new
 tokens after a cached prefix of S tokens, through the backend itself (scratch raw pages, one page
-store launch, the decode kernel with one query per token), against its per-request torch path and
-bf16 flash attention (torch SDPA) over the same keys.
+store launch, the decode kernel with one query per token; with chunk prefill, the decode kernel over
+the prefix pages and a ragged bf16 prefill over the raw keys, merged), against its per-request torch
+path and bf16 flash attention (torch SDPA) over the same keys.
 
     python bench/extend.py [--out bench/results]     -> extend_h200.json + extend_h200.png
 """
@@ -17,26 +18,23 @@ import types
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from sglang_oscar import layout, ops  # noqa: E402
+from sglang_oscar import ops  # noqa: E402
 from sglang_oscar.backend import OscarAttnBackend  # noqa: E402
 from sglang_oscar.config import OscarConfig  # noqa: E402
+from randpool import random_pool  # noqa: E402
 
 DEV = "cuda"
 P = 64
 SHAPES = [(32, 8, 128), (9, 3, 64)]             # Llama-3.1-8B, SmolLM2-135M heads
 CASES = [(0, 2048), (0, 8192), (8192, 8192), (24576, 8192)]   # (cached prefix S, chunk T)
 TORCH_PATH_MAX = 8192                           # the torch path is timed up to this many keys
+RAGGED = None                                   # what ran chunk prefill's in-chunk part
 
 
-def setup(hq, hkv, d, S, T, kernels):
-    cfg = OscarConfig(method="oscar", bits=2, page_size=P)
+def setup(hq, hkv, d, S, T, kernels, prefill="page"):
+    cfg = OscarConfig(method="oscar", bits=2, page_size=P, prefill=prefill)
     n_pages = (S + T) // P + 2
-    pages = {}
-    for f, (shape, dt) in layout.page_shapes(P, hkv, d, 2).items():
-        if dt == torch.int32:
-            pages[f] = torch.randint(-2 ** 31, 2 ** 31 - 1, (n_pages, *shape), dtype=dt, device=DEV)
-        else:
-            pages[f] = (torch.rand((n_pages, *shape), device=DEV) * 0.05 + 0.01).to(dt)
+    pages = random_pool(n_pages, P, hkv, d, 2, DEV)
     res_k = torch.zeros(2, P, hkv, d, device=DEV, dtype=torch.bfloat16)
     res_v = torch.zeros_like(res_k)
     req_to_token = torch.zeros((2, (n_pages - 1) * P), dtype=torch.int32, device=DEV)
@@ -54,8 +52,8 @@ def setup(hq, hkv, d, S, T, kernels):
     return be, layer, fb, q, k, v
 
 
-def time_backend(hq, hkv, d, S, T, kernels, iters):
-    be, layer, fb, q, k, v = setup(hq, hkv, d, S, T, kernels)
+def time_backend(hq, hkv, d, S, T, kernels, iters, prefill="page"):
+    be, layer, fb, q, k, v = setup(hq, hkv, d, S, T, kernels, prefill)
     h0 = time.perf_counter()
     be.init_forward_metadata(fb)
     be.forward_extend(q, k, v, layer, fb)          # plans (host) and warms up
@@ -68,6 +66,9 @@ def time_backend(hq, hkv, d, S, T, kernels, iters):
     b.record()
     b.synchronize()
     assert torch.isfinite(out).all()
+    if prefill == "chunk":
+        global RAGGED
+        RAGGED = "flashinfer" if be._ragged.use_flashinfer else "torch"
     return a.elapsed_time(b) / iters, first_ms
 
 
@@ -102,10 +103,12 @@ def plot(rows, path):
     for ax, (hq, hkv, d) in zip(axes, SHAPES):
         rs = [r for r in rows if (r["hq"], r["hkv"], r["d"]) == (hq, hkv, d)]
         xs = range(len(rs))
-        w = 0.27
-        for i, (key, label) in enumerate([("oscar_ms", "oscar-2 kernel path"), ("bf16_sdpa_ms", "bf16 SDPA (flash)"),
+        w = 0.2
+        for i, (key, label) in enumerate([("oscar_ms", "oscar-2 kernel path (page prefill)"),
+                                          ("oscar_chunk_ms", "oscar-2 kernel path (chunk prefill)"),
+                                          ("bf16_sdpa_ms", "bf16 SDPA (flash)"),
                                           ("torch_path_ms", "oscar-2 torch path")]):
-            ax.bar([x + (i - 1) * w for x in xs], [r.get(key) or 0 for r in rs], w, label=label)
+            ax.bar([x + (i - 1.5) * w for x in xs], [r.get(key) or 0 for r in rs], w, label=label)
         ax.set_xticks(list(xs), [f"S={r['prefix']}\nT={r['chunk']}" for r in rs])
         ax.set_yscale("log")
         ax.set_ylabel("ms per layer")
@@ -128,16 +131,21 @@ def main():
             r = dict(hq=hq, hkv=hkv, d=d, bits=2, page_size=P, prefix=S, chunk=T, oscar_ms=round(ms, 3),
                      first_call_ms=round(first, 1), bf16_sdpa_ms=round(time_sdpa(hq, hkv, d, S, T), 3),
                      tokens_per_s_per_layer=round(T / ms * 1000))
+            r["oscar_chunk_ms"] = round(time_backend(hq, hkv, d, S, T, True, iters=5, prefill="chunk")[0], 3)
             if S + T <= TORCH_PATH_MAX:
                 r["torch_path_ms"] = round(time_backend(hq, hkv, d, S, T, False, iters=1)[0], 2)
             rows.append(r)
             print(f"{hq}/{hkv} d={d} S={S} T={T}: kernel path {ms:.2f} ms/layer (first call incl. plan {first:.1f} ms), "
-                  f"bf16 SDPA {r['bf16_sdpa_ms']:.2f} ms, torch path {r.get('torch_path_ms')} ms", flush=True)
+                  f"chunk prefill {r['oscar_chunk_ms']:.2f} ms, bf16 SDPA {r['bf16_sdpa_ms']:.2f} ms, "
+                  f"torch path {r.get('torch_path_ms')} ms", flush=True)
     props = torch.cuda.get_device_properties(0)
     result = dict(rows=rows, hardware=dict(gpu=props.name, torch=torch.__version__, cuda=torch.version.cuda),
+                  chunk_ragged=RAGGED,
                   notes="one layer, one request; oscar_ms = forward_extend through the backend with CUDA kernels "
                         "(scratch raw pages + page store + one decode-kernel query per token), mean of 5 calls "
-                        "after a planning call; torch_path_ms = the backend's per-request torch path; bf16_sdpa_ms "
+                        "after a planning call; oscar_chunk_ms = the same with --oscar-prefill chunk (prefix pages through the "
+                        "decode kernel with lse, the raw keys through a ragged causal prefill, merged; chunk_ragged "
+                        "says which ragged prefill ran); torch_path_ms = the backend's per-request torch path; bf16_sdpa_ms "
                         "= torch SDPA over S+T bf16 keys (flash, causal; the prefix cases repeat the KV heads).")
     with open(os.path.join(a.out, "extend_h200.json"), "w") as f:
         json.dump(result, f, indent=1)

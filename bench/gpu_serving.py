@@ -294,7 +294,7 @@ def attention_step_ms(shape, B, ctx, P=64, bits=2, iters=10):
 
     import torch
 
-    from sglang_oscar import layout
+    from randpool import random_pool
     from sglang_oscar.backend import OscarAttnBackend
     from sglang_oscar.config import OscarConfig
 
@@ -306,13 +306,7 @@ def attention_step_ms(shape, B, ctx, P=64, bits=2, iters=10):
     n_pages = B * pages_per + 1
     pages, res_k, res_v = [], [], []
     for _ in range(L):
-        pg = {}
-        for f, (s, dt) in layout.page_shapes(P, H, D, bits).items():
-            if dt == torch.int32:
-                pg[f] = torch.randint(-2 ** 31, 2 ** 31 - 1, (n_pages, *s), dtype=dt, device=dev)
-            else:
-                pg[f] = (torch.rand((n_pages, *s), device=dev) * 0.05 + 0.01).to(dt)
-        pages.append(pg)
+        pages.append(random_pool(n_pages, P, H, D, bits, dev))
         res_k.append(torch.randn(B + 1, P, H, D, device=dev, dtype=torch.bfloat16))
         res_v.append(torch.randn(B + 1, P, H, D, device=dev, dtype=torch.bfloat16))
     req_to_token = torch.zeros((B + 1, pages_per * P), dtype=torch.int32, device=dev)

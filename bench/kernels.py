@@ -24,6 +24,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from sglang_oscar import layout, ops  # noqa: E402
 from sglang_oscar.config import OscarConfig  # noqa: E402
 from sglang_oscar.wrapper import DecodeWrapper, store_pages  # noqa: E402
+from randpool import random_pool  # noqa: E402
 
 DEV = "cuda"
 P = 64
@@ -94,20 +95,6 @@ def copy_bandwidth():
     return 2 * 4 * n / us / 1e3  # GB/s, read + write
 
 
-def random_pool(num_pages, H, D, bits):
-    pool = {}
-    for f, (shape, dt) in layout.page_shapes(P, H, D, bits).items():
-        t = torch.empty((num_pages, *shape), dtype=dt, device=DEV)
-        if dt == torch.int32:
-            t.random_(-2**31, 2**31 - 1)
-        elif f == "k_norm":
-            t.uniform_(0.5, 2.0)
-        else:
-            t.uniform_(-0.1, 0.1)
-        pool[f] = t
-    return pool
-
-
 # ---------------------------------------------------------------------------------------------
 def try_flashinfer():
     try:
@@ -167,7 +154,7 @@ def oscar_setup(B, L, hq, hkv, d, bits, copies_for=L2_DEFEAT):
     rl = L - n * P
     stored = B * (n * P * layout.bytes_per_token(hkv, d, bits) + rl * hkv * d * 2 * 2) + 2 * B * hq * d * 2
     copies = max(1, min(8, math.ceil(copies_for / stored)))
-    pool = random_pool(copies * B * n + 1, hkv, d, bits)
+    pool = random_pool(copies * B * n + 1, P, hkv, d, bits)
     res_k = torch.randn(B, P, hkv, d, dtype=torch.bfloat16, device=DEV)
     res_v = torch.randn(B, P, hkv, d, dtype=torch.bfloat16, device=DEV)
     q = torch.randn(B, hq, d, dtype=torch.bfloat16, device=DEV)
@@ -228,7 +215,7 @@ def store_bench():
             N = T // P
             k = torch.randn(N, P, hkv, d, dtype=torch.bfloat16, device=DEV)
             v = torch.randn_like(k)
-            pool = random_pool(N, hkv, d, bits)
+            pool = random_pool(N, P, hkv, d, bits)
             ids = torch.arange(N, dtype=torch.int64, device=DEV)
             t = timeit(lambda: store_pages(k, v, ids, pool, cfg))
             q = torch.randn(1, hq, T, d, dtype=torch.bfloat16, device=DEV)
@@ -312,7 +299,7 @@ def model_loop(fi, budget_gib, quick):
                 cfg = OscarConfig(method="oscar", bits=bits, page_size=P)
                 n = (L - 1) // P
                 rl = L - n * P
-                pools = [random_pool(B * n, hkv, d, bits) for _ in range(layers)]
+                pools = [random_pool(B * n, P, hkv, d, bits) for _ in range(layers)]
                 res = [torch.randn(2, B, P, hkv, d, dtype=torch.bfloat16, device=DEV) for _ in range(layers)]
                 w = DecodeWrapper(cfg, hq, hkv, d, torch.bfloat16, DEV)
                 w.plan(torch.arange(B * n, dtype=torch.int32, device=DEV).view(B, n),

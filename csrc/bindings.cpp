@@ -66,7 +66,7 @@ void store(torch::Tensor k, torch::Tensor v, torch::Tensor page_ids, torch::Tens
 void decode(torch::Tensor q, torch::Tensor kc, torch::Tensor ks, torch::Tensor kz, torch::Tensor vc, torch::Tensor vs,
             torch::Tensor vz, torch::Tensor kn, torch::Tensor page_table, torch::Tensor res_k, torch::Tensor res_v,
             torch::Tensor res_rows, torch::Tensor res_len, torch::Tensor items, torch::Tensor item_start,
-            torch::Tensor part_o, torch::Tensor part_lse, torch::Tensor out, int64_t num_items, int64_t q_chunks,
+            torch::Tensor part_o, torch::Tensor part_lse, torch::Tensor out, torch::Tensor lse, int64_t num_items, int64_t q_chunks,
             double sm_scale, int64_t bits, bool rotate, bool any_split) {
   const bool bf16 = model_dtype(q);
   CHECK_T(q, q.scalar_type()); CHECK_T(out, q.scalar_type());
@@ -90,6 +90,11 @@ void decode(torch::Tensor q, torch::Tensor kc, torch::Tensor ks, torch::Tensor k
   TORCH_CHECK(items.numel() >= num_items * 4 && item_start.numel() >= B + 1, "plan tensors too small");
   TORCH_CHECK(!any_split || (part_o.numel() >= num_items * Hq * D && part_lse.numel() >= num_items * Hq),
               "workspace too small");
+  const bool want_lse = lse.numel() > 0;  // an empty tensor: no lse wanted
+  if (want_lse) {
+    CHECK_T(lse, torch::kFloat32);
+    TORCH_CHECK(lse.numel() >= int64_t(B) * Hq, "lse must hold [B, Hq] floats");
+  }
   const c10::cuda::CUDAGuard guard(q.device());
   oscar::DecodeParams p;
   p.q = q.data_ptr();
@@ -107,6 +112,7 @@ void decode(torch::Tensor q, torch::Tensor kc, torch::Tensor ks, torch::Tensor k
   p.items = items.data_ptr<int32_t>(); p.item_start = item_start.data_ptr<int32_t>();
   p.part_o = part_o.data_ptr<float>(); p.part_lse = part_lse.data_ptr<float>();
   p.out = out.data_ptr();
+  p.lse = want_lse ? lse.data_ptr<float>() : nullptr;
   p.B = B; p.Hq = Hq; p.H = H; p.P = P; p.num_items = num_items; p.q_chunks = q_chunks;
   p.sm_scale = float(sm_scale); p.rotate = rotate; p.any_split = any_split;
   oscar::launch_decode(p, D, bits, bf16, c10::cuda::getCurrentCUDAStream().stream());

@@ -426,10 +426,11 @@ __global__ void __launch_bounds__(kWarps * 32, Geo<D, BITS>::MIN_BLOCKS) decode_
       L += red_l[w * 8 + hh] * f;
       o += red_o[(w * 8 + hh) * D + d] * f;
     }
-    o /= L;
+    o = L > 0.f ? o / L : 0.f;  // nothing visible (no pages, no residual; L is NaN then): 0, lse -inf
     const int64_t hq = hq0 + hh;
     if (flags & kItemSole) {
       static_cast<T*>(p.out)[(int64_t(b) * p.Hq + hq) * D + d] = DT<T>::from_f(o);
+      if (p.lse && d == 0) p.lse[int64_t(b) * p.Hq + hq] = L > 0.f ? M + log2f(L) : -INFINITY;
     } else {
       p.part_o[(int64_t(item) * p.Hq + hq) * D + d] = o;
       if (d == 0) p.part_lse[int64_t(item) * p.Hq + hq] = M + log2f(L);
@@ -447,6 +448,7 @@ __global__ void combine_kernel(const DecodeParams p) {
   for (int i = i0; i < i1; ++i) M = fmaxf(M, p.part_lse[int64_t(i) * p.Hq + hq]);
   float L = 0.f;
   for (int i = i0; i < i1; ++i) L += exp2f(p.part_lse[int64_t(i) * p.Hq + hq] - M);
+  if (p.lse && threadIdx.x == 0) p.lse[int64_t(b) * p.Hq + hq] = M + log2f(L);
   for (int d = threadIdx.x; d < D; d += blockDim.x) {
     float o = 0.f;
     for (int i = i0; i < i1; ++i)

@@ -35,12 +35,13 @@ struct DecodeParams {
   const void* res_k;            // [R, P, H, D] raw partial last pages
   const void* res_v;
   const int64_t* res_rows;      // [B]
-  const int32_t* res_len;       // [B], 1..P
+  const int32_t* res_len;       // [B], 0..P (0: packed pages only, a chunk prefill's prefix part)
   const int32_t* items;         // [num_items, 4]: request, first page, end page, flags
   const int32_t* item_start;    // [B + 1]: the items of request b are item_start[b] ..
   float* part_o;                // [num_items, Hq, D] normalized partial outputs (split requests)
   float* part_lse;              // [num_items, Hq] log2-sum-exp of the partials
   void* out;                    // [B, Hq, D] model dtype
+  float* lse;                   // [B, Hq] log2-sum-exp of the scaled logits (FlashInfer's base), or null
   int B, Hq, H, P, num_items, q_chunks;
   float sm_scale;
   int rotate;

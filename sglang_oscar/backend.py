@@ -17,7 +17,10 @@ batched): plan() once per batch from host-side lengths, then per layer
     laid out as raw pages in a scratch buffer, the pages they complete are packed in one store launch,
     and every query token runs as its own decode query over its earlier packed pages plus its own raw
     page, which is exactly what page-consistent prefill means (so no separate kernel is needed).
-OScaR's chunk prefill (only the cached prefix packed) and the CPU stay on the per-request torch path.
+    With OScaR's chunk prefill (only the cached prefix packed) each token instead runs as a decode
+    query over its prefix's pages alone (returning lse), the raw rest runs through a ragged causal
+    bf16 prefill, and the two partial states merge (chunk.py).
+The CPU stays on the per-request torch path.
 Set SGLANG_OSCAR_DECODE=torch to force the torch path on CUDA too (e.g. to compare outputs).
 """
 from __future__ import annotations
@@ -68,6 +71,7 @@ class OscarAttnBackend(AttentionBackend):
         self._decode_batch = None  # this decode batch's device-side indices, planned lazily
         self._extend = None        # the wrapper extend batches run through (planned per batch)
         self._extend_batch = None  # this extend batch's device-side indices
+        self._ragged = None        # chunk prefill's in-chunk attention (chunk.RaggedPrefill)
 
     @classmethod
     def detached(cls, cfg, pool, req_to_token, device, use_kernels):
@@ -95,7 +99,7 @@ class OscarAttnBackend(AttentionBackend):
             ext = list(fb.extend_seq_lens_cpu)
         prefix = [s - e for s, e in zip(seq, ext)]
         self.forward_metadata = (rows, prefix, ext)
-        if self.use_kernels and not fb.forward_mode.is_decode() and self.cfg.prefill == "page":
+        if self.use_kernels and not fb.forward_mode.is_decode():
             self._extend_batch = self._prepare_extend(rows, prefix, ext, fb.seq_lens.device)
 
     def _prepare_extend(self, rows, prefix, ext, dev) -> dict:
@@ -106,12 +110,17 @@ class OscarAttnBackend(AttentionBackend):
         rows are the pages this step completes; its partial last row becomes its new residual. The
         query at position p is a decode query with p // P packed pages and scratch row
         off_i + (p - base) // P holding its own page's first p % P + 1 tokens.
+        Chunk prefill: the query is a decode query over its prefix's pre // P pages alone (no raw
+        page; skipped when there are none), and its raw keys base .. seq-1 are scratch rows
+        off_i*P .. for the ragged prefill.
         """
+        chunk = self.cfg.prefill == "chunk"
         P = self.cfg.page_size
         dst_new, res_row, res_slot, res_dst = [], [], [], []
         store_tmp, store_row, store_col, tail_tmp, tail_row = [], [], [], [], []
         q_req, q_pages, q_res_row, q_res_len = [], [], [], []
-        off = 0
+        kv_idx, kv_lens = [], []
+        off = tok = 0
         for i, (row, pre, e) in enumerate(zip(rows, prefix, ext)):
             seq, base = pre + e, pre // P * P
             first, full, r = pre // P, seq // P, pre - base
@@ -125,29 +134,52 @@ class OscarAttnBackend(AttentionBackend):
             if seq > full * P:
                 tail_tmp.append(off + full - first)
                 tail_row.append(row)
-            q_req += [i] * e
-            for p in range(pre, seq):
-                q_pages.append(p // P)
-                q_res_row.append(off + (p - base) // P)
-                q_res_len.append(p % P + 1)
+            if chunk:
+                kv_idx += range(off * P, off * P + seq - base)
+                kv_lens.append(seq - base)
+                if first:
+                    q_req += range(tok, tok + e)   # here: the token's index in the step
+                    q_pages += [first] * e
+                    q_res_row += [0] * e
+                    q_res_len += [0] * e
+            else:
+                q_req += [i] * e
+                for p in range(pre, seq):
+                    q_pages.append(p // P)
+                    q_res_row.append(off + (p - base) // P)
+                    q_res_len.append(p % P + 1)
             off += -(-(seq - base) // P)
+            tok += e
 
         def t(x, dtype=torch.int64):
             return torch.tensor(x, dtype=dtype).to(dev, non_blocking=True)
 
         req_to_token = self.req_to_token_pool.req_to_token
-        width = max(1, max(q_pages, default=0))
-        cols = torch.arange(width, device=dev, dtype=torch.int64) * P
-        cols = torch.minimum(cols, torch.tensor(req_to_token.shape[1] - 1, device=dev))
-        req_table = (req_to_token[t(rows)[:, None], cols[None, :]] // P).to(torch.int32)
+        req_table = self._page_table(t(rows), max(q_pages, default=0))
+        q_rows = t(q_req)
+        if chunk:  # q_req holds token indices: map each to its request's row of req_table
+            tok_req = t([i for i, e in enumerate(ext) for _ in range(e)])
+            q_rows = tok_req[q_rows] if q_req else q_rows
         store = None
         if store_tmp:
             store = (t(store_tmp), (req_to_token[t(store_row), t(store_col)] // P).to(torch.int64))
         return dict(n_rows=off, dst_new=t(dst_new),
                     res=(t(res_row), t(res_slot), t(res_dst)) if res_dst else None,
                     store=store, tail=(t(tail_tmp), t(tail_row)) if tail_tmp else None,
-                    page_table=req_table[t(q_req)], num_pages_cpu=q_pages,
-                    res_rows=t(q_res_row), res_len=t(q_res_len, torch.int32), planned=False)
+                    page_table=req_table[q_rows], num_pages_cpu=q_pages,
+                    res_rows=t(q_res_row), res_len=t(q_res_len, torch.int32), planned=False,
+                    chunk=dict(sel=t(q_req) if q_req else None, kv_idx=t(kv_idx), qo_lens=list(ext),
+                               kv_lens=kv_lens, scale=None) if chunk else None)
+
+    def _page_table(self, rows, n_pages: int):
+        """int32 [len(rows), max(1, n_pages)] pool page ids of each request row, in one gather: page j is
+        slot req_to_token[row, j*P] // P (SGLang allocates pages whole). Columns past a request's own
+        pages hold whatever its row has there; the kernels never read them."""
+        P = self.cfg.page_size
+        req_to_token = self.req_to_token_pool.req_to_token
+        cols = torch.arange(max(1, n_pages), device=rows.device, dtype=torch.int64) * P
+        cols = torch.clamp(cols, max=req_to_token.shape[1] - 1)
+        return (req_to_token[rows[:, None], cols[None, :]] // P).to(torch.int32)
 
     def _prepare_decode(self, req_pool_indices, seq_lens, seq_cpu: list[int]) -> dict:
         """Device indices of one decode batch (the token at position s-1, s = seq_len incl. it).
@@ -163,12 +195,8 @@ class OscarAttnBackend(AttentionBackend):
         s = seq_lens.to(torch.int64)
         n_pages_cpu = [(x - 1) // P for x in seq_cpu]
         num_pages = (s - 1) // P
-        width = max(1, max(n_pages_cpu, default=0))
         req_to_token = self.req_to_token_pool.req_to_token
-        # One gather: page j of a request is slot req_to_token[row, j*P] // P (SGLang allocates pages whole).
-        cols = torch.arange(width, device=dev, dtype=torch.int64) * P
-        cols = torch.minimum(cols, torch.tensor(req_to_token.shape[1] - 1, device=dev))
-        page_table = (req_to_token[rows[:, None], cols[None, :]] // P).to(torch.int32)
+        page_table = self._page_table(rows, max(n_pages_cpu, default=0))
         done = [i for i, x in enumerate(seq_cpu) if x % P == 0]
         store = None
         if done:
@@ -231,7 +259,6 @@ class OscarAttnBackend(AttentionBackend):
         Hq, H, D, P = layer.tp_q_head_num, layer.tp_k_head_num, layer.qk_head_dim, self.cfg.page_size
         q = q.reshape(-1, Hq, D)
         b = self._extend_batch
-        self._extend = self._planned(self._extend, b, b["res_rows"], Hq, H, D, q)
         pages, res_k, res_v = self.token_to_kv_pool.layer(layer.layer_id)
         scratch = []
         for new, res in ((k, res_k), (v, res_v)):
@@ -251,8 +278,32 @@ class OscarAttnBackend(AttentionBackend):
             tmp, rows = b["tail"]
             res_k[rows] = raw_k[tmp]
             res_v[rows] = raw_v[tmp]
+        if b["chunk"] is not None:
+            return self._chunk_attention(q, raw_k, raw_v, pages, layer, b).reshape(-1, Hq * D)
+        self._extend = self._planned(self._extend, b, b["res_rows"], Hq, H, D, q)
         out = self._extend.run(q, pages, raw_k, raw_v, sm_scale=layer.scaling)
         return out.reshape(-1, Hq * D)
+
+    def _chunk_attention(self, q, raw_k, raw_v, pages, layer, b):
+        """Chunk prefill: raw keys through the ragged prefill, prefix pages through the decode kernel
+        (tokens whose request has packed prefix pages), merged by lse."""
+        from .chunk import RaggedPrefill, merge
+        Hq, H, D = q.shape[1], raw_k.shape[2], q.shape[2]
+        c = b["chunk"]
+        r = self._ragged
+        if r is None or (r.Hq, r.H, r.D, r.dtype) != (Hq, H, D, q.dtype):
+            r = self._ragged = RaggedPrefill(Hq, H, D, q.dtype, q.device)
+            c["scale"] = None
+        if c["scale"] != layer.scaling:  # once per batch (every layer shares the scale)
+            r.plan(c["qo_lens"], c["kv_lens"], layer.scaling)
+            c["scale"] = layer.scaling
+        out, lse = r.run(q, raw_k.view(-1, H, D)[c["kv_idx"]], raw_v.view(-1, H, D)[c["kv_idx"]])
+        if c["sel"] is not None:
+            self._extend = self._planned(self._extend, b, b["res_rows"], Hq, H, D, q)
+            sel = c["sel"]
+            o_p, lse_p = self._extend.run(q[sel], pages, raw_k, raw_v, sm_scale=layer.scaling, return_lse=True)
+            out[sel] = merge(o_p, lse_p, out[sel], lse[sel])
+        return out
 
     def _forward_requests(self, q, k, v, layer):
         cfg, P = self.cfg, self.cfg.page_size

@@ -5,9 +5,10 @@ Signatures (the attention backend calls exactly these):
     w = DecodeWrapper(cfg, num_qo_heads, num_kv_heads, head_dim, dtype, device)
     w.plan(page_table, num_pages, res_rows, res_len)        # once per batch (host-side scheduling)
     out = w.run(q, layer_pool, res_k, res_v, sm_scale=None, out=None)  # per layer
+    out, lse = w.run(..., return_lse=True)                  # lse [B, Hq] fp32, base 2 (FlashInfer's)
     store_pages(k, v, page_ids, layer_pool, cfg)             # pack full pages into pool pages
     out = decode_reference(q, layer_pool, res_k, res_v, sm_scale, page_table, num_pages,
-                           res_rows, res_len, cfg)           # torch twin of plan + run
+                           res_rows, res_len, cfg, return_lse=False)  # torch twin of plan + run
 
 Arguments: q [B, Hq, D] raw queries (model dtype, not rotated); layer_pool: dict of the
 layout.FIELDS tensors of one layer, each with a leading page axis; page_table int32 [B, max_pages]
@@ -16,6 +17,8 @@ layout.FIELDS tensors of one layer, each with a leading page axis; page_table in
 res_len int32 [B] (1..P valid residual tokens, the current one included). The decode query sits at
 position num_pages*P + res_len - 1 and sees its packed pages through their packed form and its
 residual raw (reference.attend with qb = num_pages*P). Output [B, Hq, D] in the model dtype.
+res_len 0 means packed pages only: a chunk prefill's queries over their cached prefix, whose
+(out, lse) merge with the chunk's own raw attention (chunk.py).
 """
 from __future__ import annotations
 
@@ -76,6 +79,7 @@ class DecodeWrapper:
         self._slots = None
         self._part_o = self._part_lse = None
         self._plan = None
+        self._no_lse = torch.empty(0, dtype=torch.float32, device=self.device)
 
     # ---- scheduling -------------------------------------------------------------------------
     def _wave_slots(self) -> int:
@@ -145,23 +149,24 @@ class DecodeWrapper:
         )
 
     # ---- launch --------------------------------------------------------------------------------
-    def run(self, q, layer_pool: dict, res_k, res_v, sm_scale=None, out=None):
+    def run(self, q, layer_pool: dict, res_k, res_v, sm_scale=None, out=None, return_lse=False):
         if self._plan is None:
             raise RuntimeError("DecodeWrapper.run before plan")
         pl = self._plan
         scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(self.D)
         if not (self.cuda and q.is_cuda):
             return decode_reference(q, layer_pool, res_k, res_v, scale, pl["page_table"], pl["num_pages"],
-                                    pl["res_rows"], pl["res_len"], self.cfg)
+                                    pl["res_rows"], pl["res_len"], self.cfg, return_lse)
         if q.shape[0] != pl["B"]:
             raise ValueError(f"q has batch {q.shape[0]}, the plan {pl['B']}")
         ext = ops.load()
         out = torch.empty_like(q) if out is None else out
+        lse = q.new_empty((q.shape[0], self.Hq), dtype=torch.float32) if return_lse else self._no_lse
         ext.decode(_aligned(q), *_pool_args(layer_pool), pl["page_table_dev"], res_k, res_v,
                    pl["res_rows_dev"], pl["res_len_dev"], pl["items"], pl["item_start"], self._part_o,
-                   self._part_lse, out, pl["n_items"], self.q_chunks, float(scale), self.cfg.bits,
+                   self._part_lse, out, lse, pl["n_items"], self.q_chunks, float(scale), self.cfg.bits,
                    self.cfg.rotate, pl["any_split"])
-        return out
+        return (out, lse) if return_lse else out
 
 
 def store_pages(k, v, page_ids, layer_pool: dict, cfg: OscarConfig) -> None:
@@ -181,19 +186,24 @@ def store_pages(k, v, page_ids, layer_pool: dict, cfg: OscarConfig) -> None:
 
 
 def decode_reference(q, layer_pool: dict, res_k, res_v, sm_scale, page_table, num_pages, res_rows, res_len,
-                     cfg: OscarConfig):
+                     cfg: OscarConfig, return_lse=False):
     """Torch twin of DecodeWrapper.plan + run: one reference.attend call per request."""
     P = cfg.page_size
     n_pages, rows, lens = _host_ints(num_pages), _host_ints(res_rows), _host_ints(res_len)
     out = torch.empty_like(q)
+    lse = torch.full((q.shape[0], q.shape[1]), -math.inf, dtype=torch.float32, device=q.device)
     for b, (n, row, rl) in enumerate(zip(n_pages, rows, lens)):
         pages = None
         if n:
             ids = page_table[b, :n].to(layer_pool["k_norm"].device).long()
             pages = {f: layer_pool[f][ids] for f in FIELDS}
         qb = n * P
+        if n == 0 and rl == 0:  # nothing visible: the kernel's convention
+            out[b] = 0
+            continue
         pos = torch.tensor([qb + rl - 1], device=q.device)
-        o = attend(q[b:b + 1], pos, torch.tensor([qb], device=q.device), pages, res_k[row, :rl], res_v[row, :rl],
-                   qb, cfg, sm_scale)
+        o, l = attend(q[b:b + 1], pos, torch.tensor([qb], device=q.device), pages, res_k[row, :rl],
+                      res_v[row, :rl], qb, cfg, sm_scale, return_lse=True)
         out[b] = o[0].to(q.dtype)
-    return out
+        lse[b] = l[0] / math.log(2)   # natural -> base 2
+    return (out, lse) if return_lse else out

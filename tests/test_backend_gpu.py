@@ -11,6 +11,7 @@ request rows that are not in batch order.
 """
 from __future__ import annotations
 
+import importlib.util
 import types
 
 import pytest
@@ -45,9 +46,9 @@ def batch(rows, seq, ext, decode, dev):
                                  extend_seq_lens_cpu=ext, forward_mode=mode)
 
 
-def run_case(dev, P, Hq, H, D, bits, dtype, prefix_lens, steps=3, n_layers=2, seed=0):
+def run_case(dev, P, Hq, H, D, bits, dtype, prefix_lens, steps=3, n_layers=2, seed=0, prefill="page"):
     gen = torch.Generator(device=dev).manual_seed(seed)
-    cfg = OscarConfig(method="oscar", bits=bits, page_size=P)
+    cfg = OscarConfig(method="oscar", bits=bits, page_size=P, prefill=prefill)
     B = len(prefix_lens)
     R = B + 3
     rows = torch.randperm(R - 1, generator=torch.Generator().manual_seed(seed))[:B].add(1).tolist()  # row 0: padding
@@ -85,7 +86,7 @@ def run_case(dev, P, Hq, H, D, bits, dtype, prefix_lens, steps=3, n_layers=2, se
         fb = batch([rows[i] for i in keep], [seq_now[i] for i in keep], [ext[i] for i in keep], False, dev)
         for be in (fast, slow):
             be.init_forward_metadata(fb)
-        assert (fast._extend_batch is not None) == (cfg.prefill == "page") and slow._extend_batch is None
+        assert fast._extend_batch is not None and slow._extend_batch is None
         T = sum(ext)
         for layer in layers:
             q, k, v = rnd(T, Hq), rnd(T, H) * 2, rnd(T, H)
@@ -134,22 +135,37 @@ def test_batched_paths_match_per_request_cpu():
     assert not decode_kernels_usable("cpu", fast.cfg, 64)
 
 
-@pytest.mark.parametrize("P,Hq,H,D,bits,dtype", [
-    (64, 32, 8, 128, 2, torch.bfloat16),   # Llama-3.1-8B heads
-    (64, 9, 3, 64, 2, torch.bfloat16),     # SmolLM2-135M heads
-    (32, 8, 8, 128, 4, torch.float16),
-    (128, 32, 8, 128, 4, torch.bfloat16),
+def test_batched_chunk_prefill_matches_per_request_cpu():
+    # Chunk prefill batched: prefix pages through the wrapper's twin (res_len 0, lse), the raw keys
+    # through the ragged prefill's twin, merged by lse, against the per-request path that attends
+    # to all of them at once. The second chunk starts mid-page, so its raw keys begin with the
+    # residual; the 5-token request has no packed prefix (ragged part only).
+    worst_ext, worst, _ = run_case("cpu", 32, 8, 2, 64, 2, torch.bfloat16, lens(32), prefill="chunk")
+    assert worst_ext < 2 ** -7, worst_ext
+    assert worst < 1e-5, worst
+
+
+@pytest.mark.parametrize("P,Hq,H,D,bits,dtype,prefill", [
+    (64, 32, 8, 128, 2, torch.bfloat16, "page"),   # Llama-3.1-8B heads
+    (64, 9, 3, 64, 2, torch.bfloat16, "page"),     # SmolLM2-135M heads
+    (32, 8, 8, 128, 4, torch.float16, "page"),
+    (128, 32, 8, 128, 4, torch.bfloat16, "page"),
+    (64, 32, 8, 128, 2, torch.bfloat16, "chunk"),
+    (64, 9, 3, 64, 2, torch.bfloat16, "chunk"),
+    (32, 8, 8, 128, 4, torch.float16, "chunk"),
 ])
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_kernel_paths_match_per_request(P, Hq, H, D, bits, dtype):
-    cfg = OscarConfig(method="oscar", bits=bits, page_size=P)
+def test_kernel_paths_match_per_request(P, Hq, H, D, bits, dtype, prefill):
+    cfg = OscarConfig(method="oscar", bits=bits, page_size=P, prefill=prefill)
     assert decode_kernels_usable("cuda", cfg, D)
-    worst_ext, worst, fast = run_case("cuda", P, Hq, H, D, bits, dtype, lens(P))
+    worst_ext, worst, fast = run_case("cuda", P, Hq, H, D, bits, dtype, lens(P), prefill=prefill)
     # Same bound as the kernel tests: fp16 tensor-core arithmetic against the fp32 torch path.
     assert worst_ext < 2.5e-2, worst_ext
     assert worst < 2.5e-2, worst
-    print(f"P={P} {Hq}/{H} d={D} int{bits} {dtype}: max rel err extend {worst_ext:.2e} decode {worst:.2e}")
+    ragged = "" if fast._ragged is None else f" (ragged: {'flashinfer' if fast._ragged.use_flashinfer else 'torch'})"
+    print(f"P={P} {Hq}/{H} d={D} int{bits} {dtype} {prefill}{ragged}: max rel err extend {worst_ext:.2e} "
+          f"decode {worst:.2e}")
 
 
 def test_index_slices_are_realigned_for_the_kernels():
@@ -161,3 +177,28 @@ def test_index_slices_are_realigned_for_the_kernels():
     assert torch.equal(_aligned(ids), ids)
     whole = torch.arange(10, dtype=torch.int64)
     assert _aligned(whole) is whole
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.skipif(importlib.util.find_spec("flashinfer") is None, reason="needs FlashInfer")
+def test_flashinfer_ragged_prefill_and_merge_match_their_twins():
+    from sglang_oscar.chunk import RaggedPrefill, merge, merge_reference
+    gen = torch.Generator(device="cuda").manual_seed(5)
+    Hq, H, D = 32, 8, 128
+    qo, kv = [1, 300, 64, 2000], [40, 300, 127, 2061]
+    q = torch.randn(sum(qo), Hq, D, generator=gen, device="cuda").to(torch.bfloat16)
+    k = torch.randn(sum(kv), H, D, generator=gen, device="cuda").to(torch.bfloat16)
+    v = torch.randn(sum(kv), H, D, generator=gen, device="cuda").to(torch.bfloat16)
+    outs = []
+    for fi in (True, False):
+        r = RaggedPrefill(Hq, H, D, torch.bfloat16, "cuda", use_flashinfer=fi)
+        r.plan(qo, kv, D ** -0.5)
+        outs.append(r.run(q, k, v))
+    (o_fi, l_fi), (o_ref, l_ref) = outs
+    assert (o_fi.float() - o_ref.float()).abs().max() < 2e-2
+    assert (l_fi - l_ref).abs().max() < 1e-2          # both base 2
+    half = torch.randn_like(o_ref.float()).to(torch.bfloat16)
+    l2 = l_ref + torch.randn_like(l_ref)
+    m_fi = merge(o_ref, l_ref, half, l2, use_flashinfer=True).float()
+    assert (m_fi - merge_reference(o_ref, l_ref, half, l2).float()).abs().max() < 2e-2
