@@ -520,8 +520,10 @@ def plot(res, path):
     for r, c in zip(rows, colors):
         if "passkey" in r:
             ls = [int(k) for k in r["passkey"]]
-            axes[2].plot(ls, list(r["passkey"].values()), "o-", color=c, label=r["name"],
-                         alpha=1 if r["page_size"] == 64 else 0.5)
+            bf16 = r["method"] == "bf16"   # drawn wide and underneath: 4-bit rows often lie on it
+            axes[2].plot(ls, list(r["passkey"].values()), "o" + ("--" if r["bits"] == 4 else "-"), color=c,
+                         label=r["name"], alpha=1 if r["page_size"] == 64 else 0.5, lw=4 if bf16 else 1.5,
+                         zorder=1 if bf16 else 2)
     axes[2].set_xscale("log", base=2)
     axes[2].set_xlabel("passkey prompt length (tokens)")
     axes[2].set_ylabel("passkey accuracy")
