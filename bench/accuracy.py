@@ -408,6 +408,27 @@ class Study:
             first.append(logits[0])
         return eng.greedy(cfg, reqs, first, self.gen)
 
+    @torch.no_grad()
+    def hit_miss_gap(self, cfg):
+        """Teacher-forced: how much a cache hit moves the scores. For each chat prompt, the log-prob of
+        every token of its second half, cold vs with its first half (whole pages) cached; returns the
+        mean and max |difference| over all those tokens (nats)."""
+        eng = self.eng
+        lm = eng.model(cfg).lm_head
+        gaps = []
+        for ids in self.prompts:
+            half = (len(ids) // 2) // cfg.page_size * cfg.page_size
+            target = torch.tensor(ids[half + 1:], device=eng.device)[:, None]
+            cold = eng.forward(cfg, [eng.new()], [ids], prefix_lens=[0], hidden=True)[0][half:-1]
+            req = eng.new()
+            eng.forward(cfg, [req], [ids[:half]], prefix_lens=[0])
+            req = req.prefix(half, cfg)
+            hot = eng.forward(cfg, [req], [ids[half:]], prefix_lens=[half], hidden=True)[0][:-1]
+            lp = [torch.log_softmax(lm(h).float(), -1).gather(1, target)[:, 0] for h in (cold, hot)]
+            gaps.append((lp[0] - lp[1]).abs())
+        g = torch.cat(gaps)
+        return {"mean": float(g.mean()), "max": float(g.max()), "tokens": int(g.numel())}
+
     def agreement(self, answers):
         same = sum(a == b for x, y in zip(answers, self.bf16_answers) for a, b in zip(x, y))
         return same / sum(len(x) for x in self.bf16_answers)
@@ -469,9 +490,26 @@ class Study:
     def prefill_study(self, with_passkey=True):
         st = self.result["prefill_study"]
         main = self.row(OscarConfig(method="oscar", bits=2, page_size=64))  # the "page" default
+        ctl = st.setdefault("bf16_control", {})
+        if "hit_vs_miss_agreement" not in ctl and self.bf16_answers is not None:
+            # Unquantized, a hit differs from a miss only in how the prefix's forward is batched:
+            # what this control loses is the arithmetic's batch variance, not quantization's.
+            hit = self.generate(OscarConfig(method="bf16"), self.prompts, hit=True)
+            same = sum(a == b for x, y in zip(hit, self.bf16_answers) for a, b in zip(x, y))
+            ctl["hit_vs_miss_agreement"] = same / sum(len(x) for x in self.bf16_answers)
+            ctl["hit_vs_miss_identical_prompts"] = sum(x == y for x, y in zip(hit, self.bf16_answers)) / len(hit)
+            self.log(f"bf16 control: hit vs miss {ctl['hit_vs_miss_agreement']:.4f}")
+            self.save()
+        if "hit_vs_miss_logprob_gap" not in ctl:
+            ctl["hit_vs_miss_logprob_gap"] = self.hit_miss_gap(OscarConfig(method="bf16"))
+            self.save()
         for prefill in ("page", "chunk"):
             cfg = OscarConfig(method="oscar", bits=2, page_size=64, prefill=prefill)
             d = st.setdefault(prefill, {})
+            if "hit_vs_miss_logprob_gap" not in d:
+                d["hit_vs_miss_logprob_gap"] = self.hit_miss_gap(cfg)
+                self.log(f"prefill={prefill}: hit vs miss log-prob gap {d['hit_vs_miss_logprob_gap']}")
+                self.save()
             if "hit_vs_miss_agreement" in d:
                 continue
             cold = self.generate(cfg, self.prompts)
@@ -492,7 +530,9 @@ class Study:
         st["note"] = ("page: every query reads earlier pages packed and its own page in bf16 (prefill as "
                       "decode); chunk: a cold single-chunk prefill attends in bf16 throughout and only "
                       "decode reads packed pages; hit vs miss: the first half of each prompt (whole "
-                      "pages) cached, then the rest extended, against the cold run")
+                      "pages) cached, then the rest extended, against the cold run (greedy agreement of the "
+                      "continuation; logprob_gap: teacher-forced |log p| difference on the prompt's second "
+                      "half, nats); bf16_control: the same hit vs miss without quantization")
 
 
 # ---- the plot -------------------------------------------------------------------------------------

@@ -248,3 +248,36 @@ def test_accuracy_harness_through_the_server_matches_in_process(oscar, default_m
         inproc_out = eng.greedy(cfg, [req], first, 8)[0]
         assert (str(key) in eng.tok.decode(served_out)) == (str(key) in eng.tok.decode(inproc_out))
         assert sum(a == b for a, b in zip(served_out, inproc_out)) >= 6, (served_out, inproc_out)
+
+
+@pytest.fixture(scope="module")
+def oscar_chunk(tmp_path_factory):
+    log = tmp_path_factory.mktemp("logs") / "oscar_chunk.log"
+    with Server([*BUDGET, "--oscar-prefill", "chunk", "--enable-cache-report", "--max-running-requests", "4"],
+                log_path=log) as s:
+        yield s
+
+
+def test_chunk_prefill_attends_in_bf16_within_the_chunk(oscar_chunk, default_model_dir, record_property):
+    # OScaR's chunk prefill: a cold prompt in one chunk attends to itself in bf16 (only the cache it
+    # leaves is packed), so the served scores match the in-process chunk-mode run, which for one
+    # chunk reads no packed page, and not the page-consistent run, which reads earlier pages packed.
+    acc = _harness()
+    eng = acc.Engine(default_model_dir)
+    ids = english_ids(oscar_chunk, 12 * PAGE + 37, seed=11)  # one prefill chunk, 12 full pages
+    oscar_chunk.flush()
+    r = oscar_chunk.generate(ids, max_new_tokens=1, return_logprob=True, logprob_start_len=0)
+    lps = [t[0] for t in r["meta_info"]["input_token_logprobs"][1:]]
+    served = math.exp(-sum(lps) / len(lps))
+    ppl = {}
+    for prefill in ("chunk", "page"):
+        nll, n = eng.nll(OscarConfig(method="oscar", bits=2, page_size=PAGE, prefill=prefill), ids)
+        ppl[prefill] = math.exp(nll / n)
+    record_property("ppl_served_chunk", served)
+    print(f"ppl over {n} tokens: served chunk-mode oscar-2 {served:.4f}, in-process chunk {ppl['chunk']:.4f}, "
+          f"page {ppl['page']:.4f}")
+    assert abs(served - ppl["chunk"]) / ppl["chunk"] < 0.01
+    assert abs(served - ppl["chunk"]) < 0.25 * abs(ppl["page"] - ppl["chunk"])
+    # the cache it left behind is packed: a second prompt sharing it decodes over packed pages
+    r2 = oscar_chunk.generate(ids[:8 * PAGE] + [13] * 20, max_new_tokens=4)
+    assert r2["meta_info"]["cached_tokens"] >= 8 * PAGE
