@@ -119,7 +119,7 @@ class OscarAttnBackend(AttentionBackend):
         dst_new, res_row, res_slot, res_dst = [], [], [], []
         store_tmp, store_row, store_col, tail_tmp, tail_row = [], [], [], [], []
         q_req, q_pages, q_res_row, q_res_len = [], [], [], []
-        kv_idx, kv_lens = [], []
+        sel, kv_idx, kv_lens = [], [], []   # chunk: tokens with prefix pages; raw keys per request
         off = tok = 0
         for i, (row, pre, e) in enumerate(zip(rows, prefix, ext)):
             seq, base = pre + e, pre // P * P
@@ -138,7 +138,8 @@ class OscarAttnBackend(AttentionBackend):
                 kv_idx += range(off * P, off * P + seq - base)
                 kv_lens.append(seq - base)
                 if first:
-                    q_req += range(tok, tok + e)   # here: the token's index in the step
+                    sel += range(tok, tok + e)
+                    q_req += [i] * e
                     q_pages += [first] * e
                     q_res_row += [0] * e
                     q_res_len += [0] * e
@@ -156,19 +157,15 @@ class OscarAttnBackend(AttentionBackend):
 
         req_to_token = self.req_to_token_pool.req_to_token
         req_table = self._page_table(t(rows), max(q_pages, default=0))
-        q_rows = t(q_req)
-        if chunk:  # q_req holds token indices: map each to its request's row of req_table
-            tok_req = t([i for i, e in enumerate(ext) for _ in range(e)])
-            q_rows = tok_req[q_rows] if q_req else q_rows
         store = None
         if store_tmp:
             store = (t(store_tmp), (req_to_token[t(store_row), t(store_col)] // P).to(torch.int64))
         return dict(n_rows=off, dst_new=t(dst_new),
                     res=(t(res_row), t(res_slot), t(res_dst)) if res_dst else None,
                     store=store, tail=(t(tail_tmp), t(tail_row)) if tail_tmp else None,
-                    page_table=req_table[q_rows], num_pages_cpu=q_pages,
+                    page_table=req_table[t(q_req)], num_pages_cpu=q_pages,
                     res_rows=t(q_res_row), res_len=t(q_res_len, torch.int32), planned=False,
-                    chunk=dict(sel=t(q_req) if q_req else None, kv_idx=t(kv_idx), qo_lens=list(ext),
+                    chunk=dict(sel=t(sel) if sel else None, kv_idx=t(kv_idx), qo_lens=list(ext),
                                kv_lens=kv_lens, scale=None) if chunk else None)
 
     def _page_table(self, rows, n_pages: int):
@@ -302,7 +299,7 @@ class OscarAttnBackend(AttentionBackend):
             self._extend = self._planned(self._extend, b, b["res_rows"], Hq, H, D, q)
             sel = c["sel"]
             o_p, lse_p = self._extend.run(q[sel], pages, raw_k, raw_v, sm_scale=layer.scaling, return_lse=True)
-            out[sel] = merge(o_p, lse_p, out[sel], lse[sel])
+            out[sel] = merge(o_p, lse_p, out[sel], lse[sel], use_flashinfer=r.use_flashinfer)
         return out
 
     def _forward_requests(self, q, k, v, layer):

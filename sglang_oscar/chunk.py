@@ -20,6 +20,7 @@ fallback. lse is base 2 throughout, FlashInfer's convention.
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import math
 
 import torch
@@ -55,7 +56,7 @@ class RaggedPrefill:
         self._lens = (list(qo_lens), list(kv_lens), float(sm_scale))
         if self._fi is not None:
             def indptr(lens):
-                return torch.tensor([0] + list(torch.tensor(lens).cumsum(0).tolist()), dtype=torch.int32,
+                return torch.tensor(list(itertools.accumulate(lens, initial=0)), dtype=torch.int32,
                                     device=self.device)
             self._fi.plan(indptr(qo_lens), indptr(kv_lens), self.Hq, self.H, self.D, causal=True,
                           sm_scale=float(sm_scale), q_data_type=self.dtype, kv_data_type=self.dtype)
@@ -64,8 +65,7 @@ class RaggedPrefill:
         if self._lens is None:
             raise RuntimeError("RaggedPrefill.run before plan")
         if self._fi is not None:
-            o, lse = self._fi.run(q.contiguous(), k.contiguous(), v.contiguous(), return_lse=True)
-            return o, lse
+            return self._fi.run(q.contiguous(), k.contiguous(), v.contiguous(), return_lse=True)
         return ragged_reference(q, k, v, *self._lens)
 
 
@@ -86,7 +86,8 @@ def ragged_reference(q, k, v, qo_lens, kv_lens, sm_scale):
 
 
 def merge(o_a, lse_a, o_b, lse_b, use_flashinfer=None):
-    """Attention over the union of two disjoint key sets from the two partial states (base-2 lse)."""
+    """Attention over the union of two disjoint key sets from the two partial states (base-2 lse).
+    use_flashinfer: None decides from the device (callers on a hot path pass their own decision)."""
     if flashinfer_usable(o_a.device) if use_flashinfer is None else use_flashinfer:
         import flashinfer
         return flashinfer.merge_state(o_a.contiguous(), lse_a.contiguous(), o_b.contiguous(),
