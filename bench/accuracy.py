@@ -392,17 +392,20 @@ class Study:
             cut = lc.n_pages * cfg.page_size - lc.raw_start
             lc.raw_k, lc.raw_v, lc.raw_start = lc.raw_k[cut:], lc.raw_v[cut:], lc.raw_start + cut
 
-    def generate(self, cfg, prompts, hit=False, cold_chunk=False):
+    def cached_half(self, cfg, ids):
+        """A request holding what the radix tree keeps of the first half of ids: whole pages."""
+        half = (len(ids) // 2) // cfg.page_size * cfg.page_size
+        req = self.eng.new()
+        self.eng.forward(cfg, [req], [ids[:half]], prefix_lens=[0])
+        return req.prefix(half, cfg)
+
+    def generate(self, cfg, prompts, hit=False):
         """Greedy continuations of chat prompts, batched. hit: the first half of each prompt is a
         cached prefix (whole pages, as the radix tree holds them) and the rest extends it."""
         eng = self.eng
         reqs, first = [], []
         for ids in prompts:
-            req = eng.new()
-            if hit:
-                half = (len(ids) // 2) // cfg.page_size * cfg.page_size
-                eng.forward(cfg, [req], [ids[:half]], prefix_lens=[0])
-                req = req.prefix(half, cfg)
+            req = self.cached_half(cfg, ids) if hit else eng.new()
             logits = eng.forward(cfg, [req], [ids[req.length:]], prefix_lens=[req.length])
             reqs.append(req)
             first.append(logits[0])
@@ -417,21 +420,24 @@ class Study:
         lm = eng.model(cfg).lm_head
         gaps = []
         for ids in self.prompts:
-            half = (len(ids) // 2) // cfg.page_size * cfg.page_size
+            req = self.cached_half(cfg, ids)
+            half = req.length
             target = torch.tensor(ids[half + 1:], device=eng.device)[:, None]
             cold = eng.forward(cfg, [eng.new()], [ids], prefix_lens=[0], hidden=True)[0][half:-1]
-            req = eng.new()
-            eng.forward(cfg, [req], [ids[:half]], prefix_lens=[0])
-            req = req.prefix(half, cfg)
             hot = eng.forward(cfg, [req], [ids[half:]], prefix_lens=[half], hidden=True)[0][:-1]
             lp = [torch.log_softmax(lm(h).float(), -1).gather(1, target)[:, 0] for h in (cold, hot)]
             gaps.append((lp[0] - lp[1]).abs())
         g = torch.cat(gaps)
         return {"mean": float(g.mean()), "max": float(g.max()), "tokens": int(g.numel())}
 
+    @staticmethod
+    def compare(answers, reference):
+        """(fraction of identical tokens position by position, fraction of identical answers)."""
+        same = sum(a == b for x, y in zip(answers, reference) for a, b in zip(x, y))
+        return same / sum(len(x) for x in reference), sum(x == y for x, y in zip(answers, reference)) / len(reference)
+
     def agreement(self, answers):
-        same = sum(a == b for x, y in zip(answers, self.bf16_answers) for a, b in zip(x, y))
-        return same / sum(len(x) for x in self.bf16_answers)
+        return self.compare(answers, self.bf16_answers)[0]
 
     def ppl_and_agreement(self, cfg):
         r = self.row(cfg)
@@ -495,9 +501,7 @@ class Study:
             # Unquantized, a hit differs from a miss only in how the prefix's forward is batched:
             # what this control loses is the arithmetic's batch variance, not quantization's.
             hit = self.generate(OscarConfig(method="bf16"), self.prompts, hit=True)
-            same = sum(a == b for x, y in zip(hit, self.bf16_answers) for a, b in zip(x, y))
-            ctl["hit_vs_miss_agreement"] = same / sum(len(x) for x in self.bf16_answers)
-            ctl["hit_vs_miss_identical_prompts"] = sum(x == y for x, y in zip(hit, self.bf16_answers)) / len(hit)
+            ctl["hit_vs_miss_agreement"], ctl["hit_vs_miss_identical_prompts"] = self.compare(hit, self.bf16_answers)
             self.log(f"bf16 control: hit vs miss {ctl['hit_vs_miss_agreement']:.4f}")
             self.save()
         if "hit_vs_miss_logprob_gap" not in ctl:
@@ -517,9 +521,7 @@ class Study:
             if prefill == "page" and "agreement" in main:  # the same computation as the main row
                 assert abs(d["agreement"] - main["agreement"]) < 1e-12
             hit = self.generate(cfg, self.prompts, hit=True)
-            same = sum(a == b for x, y in zip(hit, cold) for a, b in zip(x, y))
-            d["hit_vs_miss_agreement"] = same / sum(len(x) for x in cold)
-            d["hit_vs_miss_identical_prompts"] = sum(x == y for x, y in zip(hit, cold)) / len(cold)
+            d["hit_vs_miss_agreement"], d["hit_vs_miss_identical_prompts"] = self.compare(hit, cold)
             self.log(f"prefill={prefill}: agreement {d['agreement']:.4f}, hit vs miss "
                      f"{d['hit_vs_miss_agreement']:.4f}")
             self.save()

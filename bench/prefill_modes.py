@@ -19,11 +19,11 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from accuracy import TEXT_DIR, TEXT_DOCS  # noqa: E402  (the accuracy study's texts)
 from sglang_oscar.model import default_model_path  # noqa: E402
 from sglang_oscar.serve import Server  # noqa: E402
 
-TEXT_DIR = Path("/usr/share/common-licenses")
-DOCS = ["GPL-3", "LGPL-2.1", "MPL-1.1", "GFDL-1.3", "GPL-2", "MPL-2.0"]
+DOCS = TEXT_DOCS[:6]
 MODES = [("oscar-2 page", ["--oscar-prefill", "page"]), ("oscar-2 chunk", ["--oscar-prefill", "chunk"]),
          ("bf16", ["--oscar-method", "bf16"])]
 

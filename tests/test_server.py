@@ -217,14 +217,19 @@ def _harness():
     return mod
 
 
+def served_ppl(server, ids):
+    """Perplexity of ids as the server scores them (every token after the first, one prefill)."""
+    r = server.generate(ids, max_new_tokens=1, return_logprob=True, logprob_start_len=0)
+    lps = [t[0] for t in r["meta_info"]["input_token_logprobs"][1:]]
+    assert len(lps) == len(ids) - 1
+    return math.exp(-sum(lps) / len(lps))
+
+
 def test_accuracy_harness_through_the_server_matches_in_process(oscar, default_model_dir, record_property):
     acc = _harness()
     eng = acc.Engine(default_model_dir)
     ids = english_ids(oscar, 6 * 2 * PAGE + 37, seed=7)  # 6+ prefill chunks, a partial last page
-    r = oscar.generate(ids, max_new_tokens=1, return_logprob=True, logprob_start_len=0)
-    lps = [t[0] for t in r["meta_info"]["input_token_logprobs"][1:]]
-    assert len(lps) == len(ids) - 1
-    served = math.exp(-sum(lps) / len(lps))
+    served = served_ppl(oscar, ids)
     cfg = OscarConfig(method="oscar", bits=2, page_size=PAGE)
     nll, n = eng.nll(cfg, ids)
     inproc = math.exp(nll / n)
@@ -266,9 +271,7 @@ def test_chunk_prefill_attends_in_bf16_within_the_chunk(oscar_chunk, default_mod
     eng = acc.Engine(default_model_dir)
     ids = english_ids(oscar_chunk, 12 * PAGE + 37, seed=11)  # one prefill chunk, 12 full pages
     oscar_chunk.flush()
-    r = oscar_chunk.generate(ids, max_new_tokens=1, return_logprob=True, logprob_start_len=0)
-    lps = [t[0] for t in r["meta_info"]["input_token_logprobs"][1:]]
-    served = math.exp(-sum(lps) / len(lps))
+    served = served_ppl(oscar_chunk, ids)
     ppl = {}
     for prefill in ("chunk", "page"):
         nll, n = eng.nll(OscarConfig(method="oscar", bits=2, page_size=PAGE, prefill=prefill), ids)
