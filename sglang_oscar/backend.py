@@ -5,7 +5,7 @@ Per request and layer, one step (prefill chunk, mixed chunk or decode token) doe
   2. every page that raw completes is packed into the pool (quant.store_pages / the CUDA store);
   3. the new partial page goes back to the residual row;
   4. attention: each query sees earlier pages through their packed form and the rest raw
-     (reference.attend; the query's quantized boundary comes from reference.boundaries).
+     (reference.attend is the spec; batched.py runs it for the whole batch at once on the torch path).
 Packing before attention is what makes prefill page-consistent: a query attends to its earlier
 pages exactly as a later decode step will.
 
@@ -20,7 +20,8 @@ batched): plan() once per batch from host-side lengths, then per layer
     With OScaR's chunk prefill (only the cached prefix packed) each token instead runs as a decode
     query over its prefix's pages alone (returning lse), the raw rest runs through a ragged causal
     bf16 prefill, and the two partial states merge (chunk.py).
-The CPU stays on the per-request torch path.
+The CPU runs the batched torch path (batched.py: one plan per batch, per layer one store and one
+dequantization of each needed page for the whole batch).
 Set SGLANG_OSCAR_DECODE=torch to force the torch path on CUDA too (e.g. to compare outputs).
 """
 from __future__ import annotations
@@ -30,9 +31,8 @@ import os
 import torch
 from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
 
-from . import ops, quant
+from . import batched, ops, quant
 from .layout import FIELDS
-from .reference import attend, boundaries
 
 
 def store(k, v, page_ids, pages, cfg):
@@ -87,6 +87,7 @@ class OscarAttnBackend(AttentionBackend):
     def init_forward_metadata(self, fb):
         seq = fb.seq_lens_cpu.tolist() if fb.seq_lens_cpu is not None else fb.seq_lens.tolist()
         self._decode_batch = self._extend_batch = None
+        self._torch_plan = None    # the torch path's batch plan, built at its first layer
         if self.use_kernels and fb.forward_mode.is_decode():
             # Fast path: no per-request lists; the first layer's forward_decode plans the wrapper.
             self.forward_metadata = None
@@ -303,42 +304,17 @@ class OscarAttnBackend(AttentionBackend):
         return out
 
     def _forward_requests(self, q, k, v, layer):
-        cfg, P = self.cfg, self.cfg.page_size
+        """The torch path: the whole batch at once (batched.py), planned at the batch's first layer."""
         Hq, H, D = layer.tp_q_head_num, layer.tp_k_head_num, layer.qk_head_dim
         q = q.reshape(-1, Hq, D)
-        k = k.reshape(-1, H, D)
-        v = v.reshape(-1, H, D)
+        if self._torch_plan is None:
+            rows, prefix, ext = self.forward_metadata
+            self._torch_plan = batched.plan(rows, prefix, ext, self.cfg, self.req_to_token_pool.req_to_token,
+                                            Hq, H, D)
         pages, res_k, res_v = self.token_to_kv_pool.layer(layer.layer_id)
-        req_to_token = self.req_to_token_pool.req_to_token
-        out = torch.empty_like(q)
-        rows, prefixes, exts = self.forward_metadata
-        start = 0
-        for row, prefix, ext in zip(rows, prefixes, exts):
-            end = start + ext
-            seq = prefix + ext
-            base = (prefix // P) * P
-            raw_k = torch.cat([res_k[row, : prefix - base], k[start:end]])
-            raw_v = torch.cat([res_v[row, : prefix - base], v[start:end]])
-            full = seq // P
-            slots = req_to_token[row, : full * P : P]
-            page_ids = (slots // P).long()
-            first = prefix // P
-            if full > first:  # pages this step completes: pack them now (before any later reader)
-                n = full - first
-                store(raw_k[: n * P].view(n, P, H, D), raw_v[: n * P].view(n, P, H, D),
-                      page_ids[first:full], pages, cfg)
-            tail = seq - full * P
-            if tail:
-                res_k[row, :tail] = raw_k[full * P - base:]
-                res_v[row, :tail] = raw_v[full * P - base:]
-            q_pos = torch.arange(prefix, seq, device=q.device)
-            qb = boundaries(q_pos, prefix, cfg)
-            need = int(qb.max()) // P
-            gathered = {f: pages[f][page_ids[:need]] for f in FIELDS} if need else None
-            o = attend(q[start:end], q_pos, qb, gathered, raw_k, raw_v, base, cfg, layer.scaling)
-            out[start:end] = o.to(out.dtype)
-            start = end
-        return out.reshape(-1, Hq * D)
+        out = batched.forward(self._torch_plan, q, k.reshape(-1, H, D), v.reshape(-1, H, D), pages, res_k, res_v,
+                              self.cfg, layer.scaling, store)
+        return out.to(q.dtype).reshape(-1, Hq * D)
 
     def support_triton(self):
         return False

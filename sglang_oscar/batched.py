@@ -1,0 +1,231 @@
+"""Attention over the packed pool for a whole batch at once, in plain torch: the CPU serving path.
+
+The semantics are reference.attend's, request by request (the spec this is tested against); the work is
+batched: per layer and step one store of every page the batch completes, one dequantization of each
+page any query needs (pages shared by requests or by query rows are dequantized once), and attention
+vectorized over the batch. Host-side planning (`plan`) runs once per batch; every layer reuses it.
+
+Queries are cut into "query rows" of at most QUERY_ROW tokens of one request (a decode token is a row of
+one), so a long prompt and short ones share a batch without padding each to the longest. Keys stream
+in blocks of whole pages with an online softmax: first the packed pages (through the page table), then
+the step's raw pages (the residual and the new tokens, laid out as pages). Each block only involves
+the query rows that can see some key in it (causal skipping), and its size is chosen so the scratch
+(logits, dequantized keys and values) stays within SCRATCH_ELEMS elements whatever the context length.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .config import OscarConfig
+from .layout import FIELDS
+from .quant import load_pages, rotate_queries
+
+QUERY_ROW = 64            # query tokens of one request per row
+SCRATCH_ELEMS = 1 << 22   # fp32 elements of one block's logits or of its dequantized K (about 16 MB)
+
+
+@dataclass
+class KeyBlock:
+    packed: bool
+    c0: int                     # first column (page index into the packed / raw table)
+    n: int                      # columns (pages) in this block
+    sub: object                 # query rows involved: a slice (all) or an int64 index
+    table: torch.Tensor         # packed: [n_uniq] pool page ids; raw: [n_sub, n] raw page index
+    inverse: torch.Tensor | None = None  # packed: [n_sub, n] index into the dequantized pages (+ a zero page)
+
+
+@dataclass
+class Plan:
+    P: int
+    T: int
+    rows: torch.Tensor          # [B] request rows
+    n_raw: int                  # raw pages of this step (row n_raw of the raw buffer is a zero page)
+    new_dst: torch.Tensor       # [T] flat raw slot of each new token
+    res: tuple | None           # (rows, raw pages): residual rows copied to each request's first raw page
+    store: tuple | None         # (raw pages, pool page ids): pages this step completes
+    tail: tuple | None          # (raw pages, rows): new partial pages, back into the residual
+    q_idx: torch.Tensor         # [R, E] flat query index of each row slot (T = padding)
+    q_pos: torch.Tensor         # [R, E] absolute position (-1 = padding)
+    q_qb: torch.Tensor          # [R, E] quantized boundary
+    raw_base: torch.Tensor      # [R] position of the first raw key of each row's request
+    out_idx: torch.Tensor       # [T] row slot of each query
+    blocks: list = field(default_factory=list)
+
+
+def _ceil_div(a, b):
+    return -(-a // b)
+
+
+def _ranges(counts: torch.Tensor):
+    """(owner, offset) of every element when owner i has counts[i] elements, in order."""
+    owner = torch.repeat_interleave(torch.arange(counts.numel()), counts)
+    start = torch.cumsum(counts, 0) - counts
+    return owner, torch.arange(owner.numel()) - start[owner]
+
+
+def plan(rows, prefix, ext, cfg: OscarConfig, req_to_token: torch.Tensor, Hq: int | None = None,
+         H: int | None = None, D: int | None = None) -> Plan:
+    """Host-side indices of one batch: request rows, cached prefix lengths and new-token counts.
+
+    Hq/H/D size the key blocks (the scratch bound); without them a generic head shape is assumed.
+    """
+    P = cfg.page_size
+    dev = req_to_token.device
+    rows_t = torch.as_tensor(rows, dtype=torch.int64)
+    pre = torch.as_tensor(prefix, dtype=torch.int64)
+    e = torch.as_tensor(ext, dtype=torch.int64)
+    B, T = rows_t.numel(), int(e.sum())
+    seq = pre + e
+    base = pre // P * P
+    first, full = pre // P, seq // P
+    n_raw_i = _ceil_div(seq - base, P)
+    off = torch.cumsum(n_raw_i, 0) - n_raw_i
+    n_raw = int(n_raw_i.sum())
+
+    # Raw layout: request i's raw tokens from its page-aligned base fill raw pages off_i ..
+    tok_req, tok_j = _ranges(e)
+    new_dst = off[tok_req] * P + (pre - base)[tok_req] + tok_j
+    has_res = (pre - base) > 0
+    res = (rows_t[has_res], off[has_res]) if bool(has_res.any()) else None
+    st_req, st_c = _ranges(full - first)
+    store = None
+    if st_req.numel():
+        cols = ((first[st_req] + st_c) * P).to(dev)
+        ids = (req_to_token[rows_t[st_req].to(dev), cols] // P).to(torch.int64)
+        store = (off[st_req] + st_c, ids)
+    has_tail = seq > full * P
+    tail = (off[has_tail] + (full - first)[has_tail], rows_t[has_tail]) if bool(has_tail.any()) else None
+
+    # Query rows.
+    E = max(1, min(int(e.max()) if B else 1, QUERY_ROW))
+    nq = _ceil_div(e, E)
+    r_req, r_k = _ranges(nq)
+    j = r_k[:, None] * E + torch.arange(E)[None, :]                      # [R, E] index in its request
+    valid = j < e[r_req][:, None]
+    cu = torch.cumsum(e, 0) - e
+    q_idx = torch.where(valid, cu[r_req][:, None] + j, torch.full_like(j, T))
+    q_pos = torch.where(valid, pre[r_req][:, None] + j, torch.full_like(j, -1))
+    if cfg.prefill == "page":
+        qb = q_pos.clamp(min=0) // P * P
+    else:
+        qb = base[r_req][:, None].expand_as(q_pos)
+    qb = torch.where(valid, qb, torch.zeros_like(qb))
+    out_idx = (torch.arange(r_req.numel())[:, None] * E + torch.arange(E)[None, :])[valid]
+
+    p = Plan(P=P, T=T, rows=rows_t, n_raw=n_raw, new_dst=new_dst, res=res, store=store, tail=tail,
+             q_idx=q_idx, q_pos=q_pos, q_qb=qb, raw_base=base[r_req], out_idx=out_idx)
+    R = r_req.numel()
+    if R == 0:
+        return p
+    Hq, H, D = Hq or 32, H or 8, D or 128
+    # pages per block: logits [n_sub, E, Hq, n*P] and dequantized K [n_sub, n*P, H, D] within the bound
+    per_page = R * P * max(E * Hq, H * D)
+    kb = max(1, SCRATCH_ELEMS // per_page)
+
+    # Packed pages: row r needs columns below its last query's boundary.
+    last = valid.sum(1) - 1
+    need = qb.gather(1, last[:, None])[:, 0] // P                         # [R]
+    n_packed = int(need.max())
+    if n_packed:
+        cols = (torch.arange(n_packed) * P).to(dev)
+        req_table = (req_to_token[rows_t.to(dev)[:, None], cols[None, :]] // P).to(torch.int64).cpu()
+        for c0 in range(0, n_packed, kb):
+            n = min(kb, n_packed - c0)
+            sel = torch.nonzero(need > c0)[:, 0]
+            sub = slice(None) if sel.numel() == R else sel
+            c = c0 + torch.arange(n)
+            t = req_table[r_req[sel]][:, c0:c0 + n]
+            t = torch.where(c[None, :] < need[sel][:, None], t, torch.full_like(t, -1))
+            uniq, inv = torch.unique(t, return_inverse=True)
+            if int(uniq[0]) == -1:   # padding -> the zero page appended after the real ones
+                uniq, inv = uniq[1:], torch.where(inv == 0, uniq.numel() - 1, inv - 1)
+            p.blocks.append(KeyBlock(True, c0, n, sub, uniq.to(dev), inv.to(dev)))
+
+    # Raw pages: row r sees raw keys from its first query's boundary to its last query.
+    first_qb = qb[:, 0]
+    lo = (first_qb - base[r_req]) // P
+    hi = (q_pos.gather(1, last[:, None])[:, 0] - base[r_req]) // P       # inclusive
+    n_cols = int(hi.max()) + 1
+    for c0 in range(0, n_cols, kb):
+        n = min(kb, n_cols - c0)
+        sel = torch.nonzero((lo < c0 + n) & (hi >= c0))[:, 0]
+        if sel.numel() == 0:
+            continue
+        sub = slice(None) if sel.numel() == R else sel
+        c = c0 + torch.arange(n)
+        rq = r_req[sel]
+        t = torch.where(c[None, :] < n_raw_i[rq][:, None], off[rq][:, None] + c[None, :],
+                        torch.full((sel.numel(), n), n_raw))
+        p.blocks.append(KeyBlock(False, c0, n, sub, t.to(dev)))
+    for name in ("q_idx", "q_pos", "q_qb", "raw_base", "out_idx", "new_dst"):
+        setattr(p, name, getattr(p, name).to(dev))
+    for name in ("res", "store", "tail"):
+        v = getattr(p, name)
+        if v is not None:
+            setattr(p, name, tuple(x.to(dev) for x in v))
+    return p
+
+
+def forward(p: Plan, q, k, v, pages, res_k, res_v, cfg: OscarConfig, sm_scale: float, store_fn):
+    """One layer: q [T, Hq, D], k/v [T, H, D] of this step -> out [T, Hq, D] fp32.
+
+    Writes the pool first (completed pages through store_fn(k, v, page_ids, pages, cfg), the new
+    partial pages into the residual rows), then attends, so a query reads its earlier pages packed.
+    """
+    P = p.P
+    T, Hq, D = q.shape
+    H = k.shape[1]
+    g = Hq // H
+    raw = []
+    for new, resid in ((k, res_k), (v, res_v)):
+        buf = resid.new_zeros((p.n_raw + 1, P, H, D))   # + a zero page for padding columns
+        if p.res is not None:
+            buf[p.res[1]] = resid[p.res[0]]
+        buf.view(-1, H, D)[p.new_dst] = new.to(resid.dtype)
+        raw.append(buf)
+    raw_k, raw_v = raw
+    if p.store is not None:
+        store_fn(raw_k[p.store[0]], raw_v[p.store[0]], p.store[1], pages, cfg)
+    if p.tail is not None:
+        res_k[p.tail[1]] = raw_k[p.tail[0]]
+        res_v[p.tail[1]] = raw_v[p.tail[0]]
+    if T == 0:
+        return q.new_zeros((0, Hq, D), dtype=torch.float32)
+
+    R, E = p.q_idx.shape
+    qpad = torch.cat([q, q.new_zeros((1, Hq, D))])[p.q_idx]              # [R, E, Hq, D]
+    qf = qpad.float().view(R, E, H, g, D)
+    qr = rotate_queries(qpad, cfg).view(R, E, H, g, D) if any(b.packed for b in p.blocks) else None
+    m = torch.full((R, E, H, g), float("-inf"), device=q.device)
+    l = torch.zeros((R, E, H, g), device=q.device)
+    acc = torch.zeros((R, E, H, g, D), device=q.device)
+    for b in p.blocks:
+        n_sub = p.q_idx[b.sub].shape[0]
+        kpos = (b.c0 * P + torch.arange(b.n * P, device=q.device))
+        if b.packed:
+            kq, norm, vq = load_pages({f: pages[f][b.table] for f in FIELDS}, cfg.bits)
+            kq = torch.cat([kq, kq.new_zeros((1, P, H, D))])[b.inverse].view(n_sub, b.n * P, H, D)
+            vq = torch.cat([vq, vq.new_zeros((1, P, H, D))])[b.inverse].view(n_sub, b.n * P, H, D)
+            norm = torch.cat([norm, norm.new_zeros((1, P))])[b.inverse].view(n_sub, 1, 1, 1, b.n * P)
+            s = torch.einsum("rehgd,rkhd->rehgk", qr[b.sub], kq) * (norm * sm_scale)
+            vis = kpos[None, None, :] < p.q_qb[b.sub][:, :, None]
+            vals = vq
+        else:
+            kr = raw_k[b.table].view(n_sub, b.n * P, H, D).float()
+            vals = raw_v[b.table].view(n_sub, b.n * P, H, D).float()
+            s = torch.einsum("rehgd,rkhd->rehgk", qf[b.sub], kr) * sm_scale
+            kp = p.raw_base[b.sub][:, None, None] + kpos[None, None, :]   # [n_sub, 1, n*P]
+            vis = (kp >= p.q_qb[b.sub][:, :, None]) & (kp <= p.q_pos[b.sub][:, :, None])
+        s = s.masked_fill(~vis[:, :, None, None, :], float("-inf"))
+        m_old = m[b.sub]
+        m_new = torch.maximum(m_old, s.amax(-1))
+        m_use = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)  # all masked so far
+        prob = torch.exp(s - m_use[..., None])
+        corr = torch.exp(m_old - m_use)
+        l[b.sub] = l[b.sub] * corr + prob.sum(-1)
+        acc[b.sub] = acc[b.sub] * corr[..., None] + torch.einsum("rehgk,rkhd->rehgd", prob, vals)
+        m[b.sub] = m_new
+    out = acc / l.clamp_min(torch.finfo(torch.float32).tiny)[..., None]
+    return out.view(R * E, Hq, D)[p.out_idx]

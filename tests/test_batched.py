@@ -1,0 +1,166 @@
+"""The batched torch path (batched.py) against the per-request spec (reference.attend over pages packed
+by quant.store_pages), on random ragged batches: decode and prefill, page and chunk prefill, GQA, pages
+completing mid-step, requests sharing packed pages, and key blocks small enough that the online softmax
+and the causal skipping run over many blocks.
+
+Each case keeps the whole K/V history of every request, so the reference needs no pool at all: its
+pages are packed from the history, its raw keys are the history's tail.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sglang_oscar import batched, layout, quant
+from sglang_oscar.backend import store
+from sglang_oscar.config import OscarConfig
+from sglang_oscar.layout import FIELDS
+from sglang_oscar.reference import attend, boundaries
+
+
+class Case:
+    """Requests with a K/V history in a pool: rows out of order, distinct pages, optionally one request
+    whose first pages are another's (a radix hit)."""
+
+    def __init__(self, cfg, Hq, H, D, max_len, n_req, seed, share=False):
+        P = cfg.page_size
+        self.cfg, self.Hq, self.H, self.D = cfg, Hq, H, D
+        self.gen = torch.Generator().manual_seed(seed)
+        R = n_req + 3
+        self.rows = (torch.randperm(R - 1, generator=self.gen)[:n_req] + 1).tolist()
+        max_pages = -(-max_len // P)
+        num_pages = n_req * max_pages + 2
+        perm = torch.randperm(num_pages - 1, generator=self.gen)[: n_req * max_pages] + 1
+        self.req_to_token = torch.zeros((R, max_pages * P + 3), dtype=torch.int32)
+        for b, row in enumerate(self.rows):
+            pg = perm[b * max_pages:(b + 1) * max_pages]
+            self.req_to_token[row, : max_pages * P] = (pg[:, None] * P + torch.arange(P)).flatten().to(torch.int32)
+        self.k = [torch.randn(max_len, H, D, generator=self.gen).to(torch.bfloat16) * 2 for _ in range(n_req)]
+        self.v = [torch.randn(max_len, H, D, generator=self.gen).to(torch.bfloat16) for _ in range(n_req)]
+        if share:  # request 1 starts with request 0's first two pages (same tokens, same pool pages)
+            self.k[1][: 2 * P], self.v[1][: 2 * P] = self.k[0][: 2 * P], self.v[0][: 2 * P]
+            self.req_to_token[self.rows[1], : 2 * P] = self.req_to_token[self.rows[0], : 2 * P]
+        self.pages = {f: torch.zeros((num_pages, *s), dtype=dt)
+                      for f, (s, dt) in layout.page_shapes(P, H, D, cfg.bits).items()}
+        self.res_k = torch.zeros((R, P, H, D), dtype=torch.bfloat16)
+        self.res_v = torch.zeros((R, P, H, D), dtype=torch.bfloat16)
+        self.len = [0] * n_req
+
+    def page_ids(self, b, n):
+        return (self.req_to_token[self.rows[b], : n * self.cfg.page_size: self.cfg.page_size] // self.cfg.page_size).long()
+
+    def step(self, ext):
+        """Run one batched step that adds ext[b] tokens to request b (0 = not in the batch); check the
+        output against the reference and the pool state against packing the history directly."""
+        cfg, P, Hq, H, D = self.cfg, self.cfg.page_size, self.Hq, self.H, self.D
+        idx = [b for b, e in enumerate(ext) if e > 0]
+        prefix = [self.len[b] for b in idx]
+        ext = [ext[b] for b in idx]
+        q = torch.randn(sum(ext), Hq, D, generator=self.gen).to(torch.bfloat16)
+        k = torch.cat([self.k[b][p:p + e] for b, p, e in zip(idx, prefix, ext)])
+        v = torch.cat([self.v[b][p:p + e] for b, p, e in zip(idx, prefix, ext)])
+        plan = batched.plan([self.rows[b] for b in idx], prefix, ext, cfg, self.req_to_token, Hq, H, D)
+        out = batched.forward(plan, q, k, v, self.pages, self.res_k, self.res_v, cfg, D ** -0.5, store)
+        assert out.dtype == torch.float32 and out.shape == q.shape
+        start, worst = 0, 0.0
+        for b, pre, e in zip(idx, prefix, ext):
+            seq = pre + e
+            self.len[b] = seq
+            full, base = seq // P, pre // P * P
+            # pool state: every full page packed exactly as the history packs; the residual is the tail
+            if full:
+                want = quant.store_pages(self.k[b][: full * P].view(full, P, H, D),
+                                         self.v[b][: full * P].view(full, P, H, D), cfg)
+                ids = self.page_ids(b, full)
+                for f in FIELDS:
+                    assert torch.equal(self.pages[f][ids], want[f]), (f, b)
+            row = self.rows[b]
+            assert torch.equal(self.res_k[row, : seq - full * P], self.k[b][full * P:seq])
+            assert torch.equal(self.res_v[row, : seq - full * P], self.v[b][full * P:seq])
+            # output: the spec, one request at a time
+            q_pos = torch.arange(pre, seq)
+            qb = boundaries(q_pos, pre, cfg)
+            need = int(qb.max()) // P
+            pk = quant.store_pages(self.k[b][: need * P].view(need, P, H, D),
+                                   self.v[b][: need * P].view(need, P, H, D), cfg) if need else None
+            ref = attend(q[start:start + e], q_pos, qb, pk, self.k[b][base:seq], self.v[b][base:seq], base,
+                         cfg, D ** -0.5)
+            got = out[start:start + e]
+            worst = max(worst, ((got - ref).abs().max() / ref.abs().max()).item())
+            start += e
+        assert worst < 1e-5, worst
+        return plan
+
+
+@pytest.mark.parametrize("prefill", ["page", "chunk"])
+@pytest.mark.parametrize("bits,Hq,H,D,P", [(2, 8, 2, 64, 32), (4, 9, 3, 64, 64), (2, 4, 4, 128, 32)])
+def test_prefill_chunks_then_decode_match_reference(prefill, bits, Hq, H, D, P):
+    cfg = OscarConfig(method="oscar", bits=bits, page_size=P, prefill=prefill)
+    c = Case(cfg, Hq, H, D, max_len=6 * P + 8, n_req=5, seed=bits * 100 + P + len(prefill))
+    # ragged first chunks (one empty: that request joins later), then chunks starting mid-page,
+    # then decode steps where some requests complete a page
+    c.step([P - 1, 3 * P + 5, 1, 0, 2 * P])
+    c.step([P + 2, 1, 2 * P - 1, 5, P])
+    for _ in range(3):
+        c.step([1, 1, 1, 1, 1])
+
+
+def test_decode_completing_and_opening_pages_match_reference():
+    cfg = OscarConfig(method="oscar", bits=2, page_size=32)
+    c = Case(cfg, 8, 2, 64, max_len=200, n_req=4, seed=7)
+    c.step([31, 32, 63, 100])          # next decode token: completes a page, opens one, completes, mid
+    for _ in range(4):
+        c.step([1, 1, 1, 1])
+    c.step([0, 1, 0, 1])               # a subset of the batch
+
+
+@pytest.mark.parametrize("prefill", ["page", "chunk"])
+def test_many_key_blocks_and_query_rows(monkeypatch, prefill):
+    # Tiny blocks: keys stream over many blocks (online softmax), query rows are short, and most
+    # blocks involve only some rows (causal skipping); the result must not change.
+    monkeypatch.setattr(batched, "SCRATCH_ELEMS", 1)
+    monkeypatch.setattr(batched, "QUERY_ROW", 5)
+    cfg = OscarConfig(method="oscar", bits=2, page_size=32, prefill=prefill)
+    c = Case(cfg, 8, 2, 64, max_len=300, n_req=3, seed=11)
+    blocks = [b for e in ([70, 3, 150], [40, 33, 1], [1, 1, 1]) for b in c.step(e).blocks]
+    assert sum(b.packed for b in blocks) >= 3 and sum(not b.packed for b in blocks) >= 3
+    assert any(isinstance(b.sub, torch.Tensor) for b in blocks)
+
+
+def test_shared_pages_are_dequantized_once():
+    cfg = OscarConfig(method="oscar", bits=2, page_size=32)
+    c = Case(cfg, 8, 2, 64, max_len=200, n_req=3, seed=3, share=True)
+    c.step([2 * 32 + 10, 0, 50])
+    # request 1 arrives with request 0's two pages as its cached prefix (a radix hit)
+    c.len[1] = 64
+    plan = c.step([1, 20, 1])
+    shared = set(c.page_ids(0, 2).tolist())
+    for b in plan.blocks:
+        if b.packed:
+            ids = b.table.tolist()
+            assert len(ids) == len(set(ids))          # each needed page once per block
+            assert shared <= set(ids)
+
+
+@pytest.mark.parametrize("kind", ["kivi", "quarot"])
+def test_other_methods_match_reference(kind):
+    cfg = OscarConfig(method=kind, bits=2, page_size=32)
+    c = Case(cfg, 8, 2, 64, max_len=150, n_req=3, seed=5)
+    c.step([40, 64, 7])
+    c.step([1, 1, 1])
+
+
+def test_scratch_is_bounded():
+    # A 4k-token chunk over a 16k-token context in 8 KV-head/128-dim shape: every block's logits and
+    # dequantized keys stay within the scratch bound, whatever the context.
+    cfg = OscarConfig(method="oscar", bits=2, page_size=64)
+    P, Hq, H, D = 64, 32, 8, 128
+    pre, e = 16384, 4096
+    req_to_token = torch.arange(((pre + e) // P + 1) * P, dtype=torch.int32)[None].repeat(2, 1)
+    plan = batched.plan([1], [pre], [e], cfg, req_to_token, Hq, H, D)
+    R, E = plan.q_idx.shape
+    for b in plan.blocks:
+        n_sub = plan.q_idx[b.sub].shape[0]
+        assert n_sub * E * Hq * b.n * P <= max(batched.SCRATCH_ELEMS, R * E * Hq * P)
+        assert n_sub * b.n * P * H * D <= max(batched.SCRATCH_ELEMS, R * P * H * D)
+    assert len(plan.blocks) > 2
