@@ -100,8 +100,33 @@ class OscarAttnBackend(AttentionBackend):
             ext = list(fb.extend_seq_lens_cpu)
         prefix = [s - e for s, e in zip(seq, ext)]
         self.forward_metadata = (rows, prefix, ext)
+        if not fb.forward_mode.is_decode():
+            self._check_residual_owners(rows, prefix)
         if self.use_kernels and not fb.forward_mode.is_decode():
             self._extend_batch = self._prepare_extend(rows, prefix, ext, fb.seq_lens.device)
+
+    def _check_residual_owners(self, rows, prefix):
+        """An extend whose cached prefix ends inside a page continues from that page's raw tokens in the
+        request's residual row, so the row must have been written by this same request since SGLang
+        gave it out (its req_generation). SGLang keeps that true: radix matches are page-aligned, a
+        retracted request frees everything and resumes from a page-aligned match, chunked prefill keeps
+        its row. Anything else (a feature that hands a partial prefix to a fresh row) would read another
+        request's stale keys, so it stops here instead."""
+        r = torch.tensor(rows, dtype=torch.int64)
+        owner = getattr(self, "_res_owner", None)   # per row: the generation that last wrote its residual
+        if owner is None:
+            owner = self._res_owner = torch.full((self.req_to_token_pool.req_to_token.shape[0],), -1,
+                                                 dtype=torch.int64)
+        gens = getattr(self.req_to_token_pool, "req_generation", None)
+        gen = gens[r].to(torch.int64).cpu() if gens is not None else torch.zeros_like(r)
+        bad = (torch.tensor(prefix, dtype=torch.int64) % self.cfg.page_size != 0) & (owner[r] != gen)
+        if bool(bad.any()):
+            i = int(torch.nonzero(bad)[0, 0])
+            raise RuntimeError(
+                f"oscar backend: request row {rows[i]} arrives with a cached prefix of {prefix[i]} tokens, not a "
+                f"multiple of the page size {self.cfg.page_size}, but its residual row holds no partial page of "
+                "this request (a fresh row); the partial page's raw keys are gone, so this cannot be served")
+        owner[r] = gen
 
     def _prepare_extend(self, rows, prefix, ext, dev) -> dict:
         """Device indices of one extend batch (host loops over its tokens, once per batch).

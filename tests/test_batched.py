@@ -164,3 +164,45 @@ def test_scratch_is_bounded():
         assert n_sub * E * Hq * b.n * P <= max(batched.SCRATCH_ELEMS, R * E * Hq * P)
         assert n_sub * b.n * P * H * D <= max(batched.SCRATCH_ELEMS, R * P * H * D)
     assert len(plan.blocks) > 2
+
+
+def test_partial_prefix_on_a_fresh_row_is_refused():
+    # A cached prefix that ends mid-page continues from the row's residual. Row 3 first serves a
+    # 40-token prompt (residual: 8 tokens); then SGLang gives row 3 to a new request (its generation
+    # moves on). If that request arrived with a 40-token prefix, the residual would be the previous
+    # owner's keys: the backend must refuse, not silently attend to them. The same owner continuing
+    # mid-page, and a fresh owner whose prefix is page-aligned, are served.
+    import types
+
+    from sglang_oscar.backend import OscarAttnBackend
+
+    cfg = OscarConfig(method="oscar", bits=2, page_size=32)
+    P, Hq, H, D, R = 32, 8, 2, 64, 5
+    pool = types.SimpleNamespace(layer=lambda i: (pages, res_k, res_v))
+    pages = {f: torch.zeros((20, *s), dtype=dt) for f, (s, dt) in layout.page_shapes(P, H, D, 2).items()}
+    res_k = torch.zeros((R, P, H, D), dtype=torch.bfloat16)
+    res_v = torch.zeros_like(res_k)
+    req_to_token = torch.arange(R * 4 * P, dtype=torch.int32).view(R, 4 * P) + P
+    be = OscarAttnBackend.detached(cfg, pool, req_to_token, "cpu", False)
+    be.req_to_token_pool.req_generation = torch.zeros(R, dtype=torch.int64)
+    layer = types.SimpleNamespace(tp_q_head_num=Hq, tp_k_head_num=H, qk_head_dim=D, layer_id=0, scaling=D ** -0.5,
+                                  is_cross_attention=False, logit_cap=0, sliding_window_size=-1)
+
+    def extend(row, prefix, e):
+        fb = types.SimpleNamespace(req_pool_indices=torch.tensor([row]), seq_lens=torch.tensor([prefix + e]),
+                                   seq_lens_cpu=torch.tensor([prefix + e]), extend_seq_lens_cpu=[e],
+                                   forward_mode=types.SimpleNamespace(is_decode=lambda: False))
+        be.init_forward_metadata(fb)
+        x = torch.randn(e, Hq * D).to(torch.bfloat16)
+        return be.forward_extend(x, x[:, : H * D], x[:, : H * D], layer, fb)
+
+    be.req_to_token_pool.req_generation[3] += 1
+    extend(3, 0, 40)
+    extend(3, 40, 5)                    # the same owner continues mid-page
+    be.req_to_token_pool.req_generation[3] += 1
+    with pytest.raises(RuntimeError, match="fresh row"):
+        extend(3, 45, 3)
+    extend(3, 32, 3)                    # a page-aligned prefix on the fresh row is fine
+    extend(3, 35, 2)                    # ... and so is its continuation
+    with pytest.raises(RuntimeError, match="fresh row"):
+        extend(2, 10, 1)                # a row no request ever wrote
