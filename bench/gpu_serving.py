@@ -1,29 +1,27 @@
-"""bf16 vs oscar-2 through the real SGLang HTTP server on one CUDA GPU, in one run.
+"""bf16 SGLang vs oscar-2 as users run them, on one CUDA GPU, in one run.
 
-    python bench/gpu_serving.py --out DIR --tokenizer TOKDIR      # (bench/gpu_serving.sh sets the machine up)
-    python bench/gpu_serving.py --dry-run ...                     # tiny models, CPU, minutes: checks the logic
+    python bench/gpu_serving.py --out DIR --tokenizer TOKDIR     # (bench/gpu_serving.sh sets the machine up)
+    python bench/gpu_serving.py --dry-run --out DIR --tokenizer TOKDIR   # CPU, tiny model: checks the driver
 
-Models: random weights of real shapes (no weights can be downloaded where this runs): Llama-3.1-8B's
-(32 layers, 32 q / 8 kv heads, d=128, vocab 128256) and SmolLM2-135M's (30 layers, 9/3 heads, d=64).
-The 135M model's final norm is scaled up so its greedy argmax has clear margins (random logits are
-otherwise near-ties, and agreement would measure tie-breaking, not the kernels).
-
-Every server of one model gets the same flags and the same fixed KV budget (--oscar-kv-budget-gb), so
-max_total_num_tokens compares bytes per token. All servers start at once (start-up dominates a short
-run) and are measured one after another, never two under load at a time.
+Model: random weights of Llama-3.1-8B's shape (32 layers, 32 q / 8 kv heads, d=128, vocab 128256): no
+weights can be downloaded where this runs. Two servers of it, started at once and measured one after
+the other (never both under load):
+  * bf16: SGLang's own configuration for the model (decode CUDA graphs on, page 1, its scheduler
+    defaults) with the attention backend noted in the JSON;
+  * oscar-2: the same flags plus --oscar-method oscar --oscar-bits 2 (the launcher adds what OScaR needs).
+Both get the same fixed KV budget (--oscar-kv-budget-gb) and --max-running-requests; this script passes
+no flag that turns decode CUDA graphs off on either side.
 
 Measured:
-  * capacity: max_total_num_tokens per method; 32k-token requests the pool holds at once;
-  * correctness (135M): greedy tokens of the oscar server (CUDA decode kernels) vs the same server on
-    the backend's torch path (SGLANG_OSCAR_DECODE=torch), same model and prompts; a radix hit vs the
-    cold miss of the same prompt (identical tokens expected with page-consistent prefill);
-  * capacity-bound decode (8B): as many unique 8k-token requests as each pool holds, sent at once;
-    steady decode throughput and TPOT once all have started; 32k context at concurrency 1;
-  * multi-turn chat load (bench/serving.py's driver): shared system prompt, growing histories;
-  * one decode step's time split: the oscar backend's attention (all layers, in this process, CUDA
-    events) against the server's TPOT at the same batch and context.
+  * capacity: max_total_num_tokens of each pool at the same budget;
+  * capacity-bound decode: as many unique 8k-token requests as each pool holds, sent at once (this
+    script's streaming client): steady decode tok/s while all of them decode together;
+  * SGLang's own client, `python -m sglang.bench_serving` (bench/bench_serving_runs.py runs its entry
+    point once per setting in one process): one 32k-token prompt at a time (random-ids dataset, token
+    ids sent as ids) for TTFT/TPOT, and a concurrency sweep of its generated-shared-prefix dataset
+    (multi-turn chats over a few shared system prompts, chat API) for throughput, TTFT and TPOT.
 
-Writes OUT/gpu_serving.json (+ .png).
+Writes OUT/gpu_serving.json, OUT/gpu_serving.png, OUT/summary.txt, OUT/servers.log, OUT/bench_serving.log.
 """
 from __future__ import annotations
 
@@ -47,20 +45,24 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 sys.path.insert(0, ROOT)
-import serving  # noqa: E402  (bench/serving.py: the multi-turn driver)
+import serving  # noqa: E402  (bench/serving.py: load polling and percentiles)
 from sglang_oscar import serve as serve_mod  # noqa: E402
 from sglang_oscar.serve import Server  # noqa: E402
 
-SHAPES = {
-    "llama3-8b-shape": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                            num_key_value_heads=8, head_dim=128, vocab_size=128256, rope_theta=500000.0,
-                            max_position_embeddings=131072, tie_word_embeddings=False, rms_norm_eps=1e-5),
-    "smollm2-135m-shape": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-                               num_key_value_heads=3, head_dim=64, vocab_size=49152, rope_theta=100000.0,
-                               max_position_embeddings=8192, tie_word_embeddings=True, rms_norm_eps=1e-5),
-}
-GPU_FLAGS = ["--cuda-graph-backend-decode", "disabled", "--cuda-graph-backend-prefill", "disabled",
-             "--skip-server-warmup"]
+SHAPE = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+             num_key_value_heads=8, head_dim=128, vocab_size=128256, rope_theta=500000.0,
+             max_position_embeddings=131072, tie_word_embeddings=False, rms_norm_eps=1e-5)
+MODEL = "llama3.1-8b-shape"
+METHODS = ("bf16", "oscar-2")
+# The SGLang bundle of the GPU machine stubs sgl-kernel: prefill CUDA graphs and FlashInfer's sampler
+# need it, so both servers run without them; SGLang's own warm-up is replaced by ours (see warm()).
+GPU_FLAGS = ["--cuda-graph-backend-prefill", "disabled", "--sampling-backend", "pytorch", "--skip-server-warmup"]
+# SGLang's Hopper default attention backend (fa3) lives in sgl-kernel; triton is the fastest that runs here.
+BF16_GPU_BACKEND = "triton"
+INFO_KEYS = {"attention_backend", "decode_attention_backend", "prefill_attention_backend", "page_size",
+             "max_running_requests", "max_total_num_tokens", "sampling_backend", "mem_fraction_static",
+             "chunked_prefill_size", "kv_cache_dtype", "disable_radix_cache", "schedule_policy", "device", "dtype",
+             "tp_size", "context_length", "disable_cuda_graph", "disable_decode_cuda_graph"}
 T0 = time.time()
 
 
@@ -68,15 +70,12 @@ def log(msg):
     print(f"[{time.time() - T0:6.1f}s] {msg}", flush=True)
 
 
-# ---- random-weight checkpoints ---------------------------------------------------------------------
-def make_checkpoint(path, shape: dict, tok_dir, device, final_norm=1.0, layers=None, seed=0):
+# ---- random-weight checkpoint -----------------------------------------------------------------------
+def make_checkpoint(path, shape: dict, tok_dir, device, seed=0):
     """A HF Llama directory with random bf16 weights (std 0.02), written in shards of a few layers."""
     import torch
     from safetensors.torch import save_file
 
-    shape = dict(shape)
-    if layers:
-        shape["num_hidden_layers"] = layers
     os.makedirs(path, exist_ok=True)
     h, f, L = shape["hidden_size"], shape["intermediate_size"], shape["num_hidden_layers"]
     hq, hk, d, V = shape["num_attention_heads"], shape["num_key_value_heads"], shape["head_dim"], shape["vocab_size"]
@@ -109,7 +108,7 @@ def make_checkpoint(path, shape: dict, tok_dir, device, final_norm=1.0, layers=N
                       p + "post_attention_layernorm.weight": ones.clone()})
         if (i + 1) % 4 == 0:
             flush()
-    shard["model.norm.weight"] = ones * final_norm
+    shard["model.norm.weight"] = ones
     if not shape["tie_word_embeddings"]:
         shard["lm_head.weight"] = rnd(V, h)
     flush()
@@ -123,14 +122,19 @@ def make_checkpoint(path, shape: dict, tok_dir, device, final_norm=1.0, layers=N
 
 
 # ---- servers -----------------------------------------------------------------------------------
-def server_flags(method, model, budget_gb, max_running, dry):
-    args = ["--model-path", model, "--oscar-kv-budget-gb", str(budget_gb), "--enable-cache-report",
-            "--max-running-requests", str(max_running), "--load-snapshot-publish-interval", "1"]
+def server_flags(method, model, a):
+    """Identical flags for both methods but the method itself (and bf16's attention backend on CUDA)."""
+    args = ["--model-path", model, "--oscar-kv-budget-gb", str(a.budget_gb),
+            "--max-running-requests", str(a.max_running),
+            "--enable-cache-report",                      # cached_tokens in the OpenAI usage (--cache-report)
+            "--load-snapshot-publish-interval", "1",      # /v1/loads current after every step (running count)
+            "--nccl-port", str(serve_mod.free_port())]    # servers starting together must not race for one
+    if not a.dry_run:
+        # Two servers share the GPU: each may claim at most this fraction (weights + fixed KV budget fit).
+        args += GPU_FLAGS + ["--mem-fraction-static", str(a.mem_fraction)]
     if method == "bf16":
-        args += ["--oscar-method", "bf16"] + ([] if dry else ["--attention-backend", "triton"])
-    else:
-        args += ["--oscar-method", "oscar", "--oscar-bits", method.split("-")[1]]
-    return args + ([] if dry else GPU_FLAGS + ["--mem-fraction-static", "0.5"])
+        return args + ["--oscar-method", "bf16"] + ([] if a.dry_run else ["--attention-backend", BF16_GPU_BACKEND])
+    return args + ["--oscar-method", "oscar", "--oscar-bits", method.split("-")[1]]
 
 
 def start_all(specs, log_dir, timeout):
@@ -140,8 +144,8 @@ def start_all(specs, log_dir, timeout):
     when the thread that created it exits (PR_SET_PDEATHSIG follows the thread, not the process).
     """
     servers, out = {}, {}
-    for name, args, env in specs:
-        s = Server(args, env=env, log_path=os.path.join(log_dir, f"{name}.log"), timeout=timeout)
+    for name, args in specs:
+        s = Server(args, log_path=os.path.join(log_dir, f"{name}.log"), timeout=timeout)
         s.proc = subprocess.Popen(s.args, env=s.env, stdout=open(s.log_path, "w"), stderr=subprocess.STDOUT,
                                   start_new_session=True, preexec_fn=serve_mod._die_with_parent)
         servers[name] = s
@@ -189,13 +193,38 @@ def server_info(url):
     return requests.get(url + "/server_info", timeout=60).json()
 
 
-def total_tokens(url):
-    return serving.find_num(server_info(url), "max_total_num_tokens")
+def effective_settings(info):
+    """The settings a server actually runs with (after SGLang's and the launcher's defaults)."""
+    out = {}
+
+    def walk(d):
+        for k, v in d.items():
+            if k in out:
+                continue
+            if k in INFO_KEYS or k.startswith("cuda_graph"):
+                out[k] = v
+            elif isinstance(v, dict):
+                walk(v)
+    walk(info)
+    return dict(sorted(out.items()))
 
 
-# ---- request drivers -------------------------------------------------------------------------------
+def hardware():
+    """nvidia-smi's name of GPU 0 (with memory and driver), else this script's CPU description."""
+    try:
+        q = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
+                           capture_output=True, text=True, timeout=30)
+        if q.returncode == 0 and q.stdout.strip():
+            name, mem, drv = [x.strip() for x in q.stdout.strip().splitlines()[0].split(",")]
+            return {"name": name, "memory_total": mem, "driver": drv, "source": "nvidia-smi"}
+    except (OSError, subprocess.SubprocessError, ValueError):
+        pass
+    return {"name": serving.hardware(), "source": "cpu"}
+
+
+# ---- this script's own client: capacity-bound decode -------------------------------------------
 async def gen_stream(session, url, ids, max_new):
-    """One streamed /generate: token arrival times, output ids, cached tokens."""
+    """One streamed /generate: token arrival times and cached tokens."""
     body = {"input_ids": ids, "stream": True,
             "sampling_params": {"max_new_tokens": max_new, "temperature": 0, "ignore_eos": True}}
     t0 = time.perf_counter()
@@ -252,112 +281,131 @@ async def long_ctx_run(url, n, ctx, max_new, seed, timeout_s=1800):
     return row
 
 
-def greedy(url, prompts, max_new):
-    outs = []
-    for ids in prompts:
-        r = requests.post(url + "/generate", json={"input_ids": ids, "return_logprob": True, "sampling_params": {
-            "max_new_tokens": max_new, "temperature": 0, "ignore_eos": True}}, timeout=600)
-        r.raise_for_status()
-        j = r.json()
-        lp = [t[0] for t in j["meta_info"].get("output_token_logprobs") or []]
-        outs.append({"ids": j["output_ids"], "cached": j["meta_info"].get("cached_tokens", 0), "logprobs": lp})
-    return outs
+# ---- SGLang's own client -------------------------------------------------------------------------
+def bench_serving_plan(a, up, model, outdir):
+    """The bench_serving runs, in order: the 32k prompt on each server, then the sweep level by level
+    (bf16 then oscar-2 at each level, so a run cut short by the deadline loses the top levels of both)."""
+    runs = []
+
+    def common(name, url):
+        return ["--base-url", url, "--model", model, "--tokenizer", model, "--disable-tqdm", "--seed", "1",
+                "--flush-cache", "--output-file", os.path.join(outdir, f"{name}.jsonl")]
+
+    for m in METHODS:
+        if m in up:
+            name = f"long-{m}"
+            # Token ids sent as ids: the prompt is exactly long_ctx tokens. The servers are warm, so no
+            # warm-up request (it would be one more full long prefill).
+            runs.append({"name": name, "method": m, "kind": "long", "need_s": a.need_long_s, "argv": [
+                "--backend", "sglang", "--dataset-name", "random-ids", "--tokenize-prompt",
+                "--random-input-len", str(a.longest_ctx), "--random-output-len", str(a.longest_new),
+                "--random-range-ratio", "1", "--num-prompts", str(a.longest_prompts), "--max-concurrency", "1",
+                "--warmup-requests", "0", *common(name, up[m])]})
+    levels = [int(x) for x in a.levels.split(",")]
+    convs = [int(x) for x in a.convs.split(",")]
+    if len(convs) != len(levels) or any(n % a.gsp_groups for n in convs):
+        raise SystemExit(f"--convs {a.convs} must give one count per level, each a multiple of "
+                         f"--gsp-groups {a.gsp_groups}")
+    for i, (c, n) in enumerate(zip(levels, convs)):
+        for m in METHODS:
+            if m in up:
+                name = f"gsp-{m}-c{c}"
+                runs.append({"name": name, "method": m, "kind": "gsp", "concurrency": c, "conversations": n,
+                             "need_s": a.need_level_s * max(1.0, c / 32), "argv": [
+                                 "--backend", "sglang-oai-chat", "--dataset-name", "generated-shared-prefix",
+                                 "--gsp-num-groups", str(a.gsp_groups),
+                                 "--gsp-prompts-per-group", str(n // a.gsp_groups),
+                                 "--gsp-system-prompt-len", str(a.gsp_system_len),
+                                 "--gsp-question-len", str(a.gsp_question_len),
+                                 "--gsp-output-len", str(a.gsp_output_len), "--gsp-num-turns", str(a.gsp_turns),
+                                 "--num-prompts", str(n), "--max-concurrency", str(c), "--cache-report",
+                                 # one warm-up conversation at the first level (compiles what the chat path needs)
+                                 "--warmup-requests", "1" if i == 0 else "0", *common(name, up[m])]})
+    return runs
 
 
-def logprob_gap(a, b):
-    """Largest |logprob difference| of the chosen token over the common greedy prefix of each pair."""
-    worst = 0.0
-    for x, y in zip(a, b):
-        for i, (p, q) in enumerate(zip(x["ids"], y["ids"])):
-            if p != q:
-                break
-            if i < len(x["logprobs"]) and i < len(y["logprobs"]):
-                worst = max(worst, abs(x["logprobs"][i] - y["logprobs"][i]))
-    return worst
+def run_bench_serving(run, a, up, model, work):
+    outdir = os.path.join(work, "bench_serving")
+    os.makedirs(outdir, exist_ok=True)
+    runs = bench_serving_plan(a, up, model, outdir)
+    deadline = run.deadline - 20  # room to stop the servers and write the results
+    plan = os.path.join(outdir, "plan.json")
+    with open(plan, "w") as f:
+        json.dump({"deadline": deadline, "runs": runs}, f, indent=1)
+    bs = run.res["bench_serving"] = {
+        "client": "python -m sglang.bench_serving (sglang " + sglang_version() + "), one process for all runs "
+                  "(bench/bench_serving_runs.py calls its entry point with each argv)",
+        "runs": []}
+    log_path = os.path.join(a.out, "bench_serving.log")
+    with open(log_path, "a") as lf:
+        p = subprocess.Popen([sys.executable, os.path.join(HERE, "bench_serving_runs.py"), plan], stdout=lf,
+                             stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=serve_mod._die_with_parent)
+        cut = False
+        try:
+            p.wait(timeout=max(1.0, deadline - time.time() + 10))
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+            cut = True
+            log("bench_serving runs cut at the deadline")
+    status = {}
+    if os.path.exists(plan + ".status.jsonl"):
+        with open(plan + ".status.jsonl") as f:
+            for line in f:
+                s = json.loads(line)
+                status[s["name"]] = s
+    for r in runs:
+        st = status.get(r["name"], {"status": "cut at the deadline" if cut else "not run"})
+        cut = cut and r["name"] in status
+        row = {k: r[k] for k in ("name", "method", "kind", "concurrency", "conversations") if k in r}
+        row.update(argv=["python", "-m", "sglang.bench_serving", *r["argv"]], status=st["status"],
+                   wall_s=st.get("wall_s"))
+        out = os.path.join(outdir, f"{r['name']}.jsonl")
+        if os.path.exists(out):
+            with open(out) as f:
+                lines = [json.loads(x) for x in f if x.strip()]
+            if lines:
+                res = lines[-1]
+                res.pop("server_info", None)  # recorded once per server under "servers"
+                row["result"] = res
+        bs["runs"].append(row)
+        res = row.get("result") or {}
+        log(f"bench_serving {r['name']}: {row['status']}, out {res.get('output_throughput') or 0:.1f} tok/s, "
+            f"TTFT p50 {res.get('median_ttft_ms') or 0:.1f} ms, TPOT p50 {res.get('median_tpot_ms') or 0:.2f} ms, "
+            f"completed {res.get('completed')}")
+    run.save()
 
 
-def agreement(a, b):
-    """Exact-match fraction and mean common-prefix fraction of two lists of token lists."""
-    exact = sum(x == y for x, y in zip(a, b)) / len(a)
-    pref = []
-    for x, y in zip(a, b):
-        k = next((i for i, (p, q) in enumerate(zip(x, y)) if p != q), min(len(x), len(y)))
-        pref.append(k / max(1, len(x)))
-    return {"exact": exact, "prefix": sum(pref) / len(pref), "n": len(a)}
-
-
-# ---- decode-step split (in process) ----------------------------------------------------------------
-def attention_step_ms(shape, B, ctx, P=64, bits=2, iters=10):
-    """The oscar backend's decode attention for one step over all layers: plan + per layer (residual
-    write, store, decode kernel), on a pool of random packed pages. CUDA events around the step."""
-    import types
-
-    import torch
-
-    from randpool import random_pool
-    from sglang_oscar.backend import OscarAttnBackend
-    from sglang_oscar.config import OscarConfig
-
-    dev = "cuda"
-    Hq, H, D, L = (shape[k] for k in ("num_attention_heads", "num_key_value_heads", "head_dim",
-                                      "num_hidden_layers"))
-    cfg = OscarConfig(method="oscar", bits=bits, page_size=P)
-    pages_per = -(-(ctx + iters + 2) // P)
-    n_pages = B * pages_per + 1
-    pages, res_k, res_v = [], [], []
-    for _ in range(L):
-        pages.append(random_pool(n_pages, P, H, D, bits, dev))
-        res_k.append(torch.randn(B + 1, P, H, D, device=dev, dtype=torch.bfloat16))
-        res_v.append(torch.randn(B + 1, P, H, D, device=dev, dtype=torch.bfloat16))
-    req_to_token = torch.zeros((B + 1, pages_per * P), dtype=torch.int32, device=dev)
-    perm = torch.randperm(n_pages - 1)[: B * pages_per] + 1
-    for b in range(B):
-        pg = perm[b * pages_per:(b + 1) * pages_per]
-        req_to_token[b + 1] = (pg[:, None] * P + torch.arange(P)[None, :]).flatten().to(torch.int32).to(dev)
-    pool = types.SimpleNamespace(layer=lambda i: (pages[i], res_k[i], res_v[i]))
-    be = OscarAttnBackend.detached(cfg, pool, req_to_token, dev, use_kernels=True)
-    layers = [types.SimpleNamespace(tp_q_head_num=Hq, tp_k_head_num=H, qk_head_dim=D, layer_id=i, scaling=D ** -0.5,
-                                    is_cross_attention=False, logit_cap=0, sliding_window_size=-1) for i in range(L)]
-    q = torch.randn(B, Hq * D, device=dev, dtype=torch.bfloat16)
-    k = torch.randn(B, H * D, device=dev, dtype=torch.bfloat16)
-    rows = torch.arange(1, B + 1, device=dev)
-    times = []
-    for it in range(iters + 3):
-        s = ctx + it
-        fb = types.SimpleNamespace(req_pool_indices=rows, seq_lens=torch.full((B,), s, device=dev),
-                                   seq_lens_cpu=torch.full((B,), s), forward_mode=types.SimpleNamespace(
-                                       is_decode=lambda: True), extend_seq_lens_cpu=None)
-        torch.cuda.synchronize()
-        a, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        h0 = time.perf_counter()
-        a.record()
-        be.init_forward_metadata(fb)
-        for layer in layers:
-            be.forward_decode(q, k, k, layer, fb)
-        e.record()
-        host = time.perf_counter() - h0
-        torch.cuda.synchronize()
-        if it >= 3:
-            times.append((a.elapsed_time(e), host * 1000))
-    times.sort()
-    gpu_ms, host_ms = times[len(times) // 2]
-    return {"B": B, "ctx": ctx, "layers": L, "attention_ms": gpu_ms, "attention_host_ms": host_ms}
+def sglang_version():
+    try:
+        import importlib.metadata as md
+        return md.version("sglang")
+    except Exception:  # noqa: BLE001
+        return "?"
 
 
 # ---- phases ----------------------------------------------------------------------------------------
 class Run:
     def __init__(self, a):
         self.a = a
-        self.res = {"capacity": {}, "throughput_ratio": None, "rows": [], "hardware": serving.hardware(),
-                    "notes": [], "phases": {}}
+        self.res = {"hardware": hardware(), "notes": [], "phases": {}, "servers": {}, "capacity": {},
+                    "capacity_bound": [], "bench_serving": {}, "ratios": {}}
         self.deadline = T0 + a.deadline_s
+        self.work = None
+
+    def paths_out(self, text):
+        """This machine's temp paths out of the results: $WORK (checkpoint, logs), $OUT."""
+        for path, name in ((self.work, "$WORK"), (self.a.out, "$OUT"), (self.a.tokenizer, "$TOKENIZER")):
+            if path:
+                text = text.replace(path, name)
+        return text
 
     def left(self):
         return self.deadline - time.time()
 
     def save(self):
         with open(os.path.join(self.a.out, "gpu_serving.json"), "w") as f:
-            json.dump(self.res, f, indent=1, default=str)
+            f.write(self.paths_out(json.dumps(self.res, indent=1, default=str)))
 
     def phase(self, name, fn, need_s=0):
         if name in self.a.skip.split(","):
@@ -385,232 +433,200 @@ def main():
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True)
-    ap.add_argument("--tokenizer", required=True, help="a HF tokenizer dir (with chat template) for the random models")
-    ap.add_argument("--work", default=None, help="checkpoints and logs (default: a temp dir in RAM if there is one)")
-    ap.add_argument("--servers", default=None, help="start only these (comma list of names)")
+    ap.add_argument("--tokenizer", required=True, help="a HF tokenizer dir (with chat template) for the random model")
+    ap.add_argument("--work", default=None, help="checkpoint and logs (default: a temp dir in RAM if there is one)")
     ap.add_argument("--skip", default="", help="phases to skip (comma list)")
-    ap.add_argument("--dry-run", action="store_true", help="CPU, tiny models: checks this script's logic")
-    ap.add_argument("--deadline-s", type=float, default=540)
-    ap.add_argument("--big-budget-gb", type=float, default=8.0, help="KV budget of each 8B-shape server")
-    ap.add_argument("--small-budget-gb", type=float, default=2.0, help="KV budget of each 135M-shape server")
-    ap.add_argument("--max-running", type=int, default=64)
-    ap.add_argument("--big-layers", type=int, default=None, help="fewer layers for the 8B shape (stated in the output)")
-    ap.add_argument("--long-ctx", type=int, default=8192)
+    ap.add_argument("--dry-run", action="store_true", help="CPU, tiny model, two levels: checks the whole driver")
+    ap.add_argument("--deadline-s", type=float, default=520, help="seconds from start for everything")
+    ap.add_argument("--quiet-file", default=None,
+                    help="wait (at most --quiet-wait-s) for this file before measuring: the caller creates it "
+                         "once its own GPU work (tests) is done")
+    ap.add_argument("--quiet-wait-s", type=float, default=90)
+    ap.add_argument("--budget-gb", type=float, default=8.0, help="KV budget of each server")
+    ap.add_argument("--max-running", type=int, default=128, help="--max-running-requests of each server")
+    ap.add_argument("--mem-fraction", type=float, default=0.5, help="--mem-fraction-static of each (CUDA)")
+    ap.add_argument("--layers", type=int, default=None, help="fewer layers than 32 (stated in the output)")
+    ap.add_argument("--long-ctx", type=int, default=8192, help="capacity-bound phase: prompt tokens")
     ap.add_argument("--long-new", type=int, default=128)
-    ap.add_argument("--longest-ctx", type=int, default=32768)
-    ap.add_argument("--chat-levels", default="8,32")
-    ap.add_argument("--chat-tokens", type=int, default=64)
+    ap.add_argument("--longest-ctx", type=int, default=32768, help="bench_serving random-ids prompt tokens")
+    ap.add_argument("--longest-new", type=int, default=64)
+    ap.add_argument("--longest-prompts", type=int, default=2)
+    ap.add_argument("--levels", default="1,8,32,128,256", help="bench_serving --max-concurrency sweep")
+    ap.add_argument("--convs", default="4,16,64,256,384", help="conversations per level (gsp groups x prompts)")
+    ap.add_argument("--gsp-groups", type=int, default=4)
+    ap.add_argument("--gsp-system-len", type=int, default=2048)
+    ap.add_argument("--gsp-question-len", type=int, default=128)
+    ap.add_argument("--gsp-output-len", type=int, default=128)
+    ap.add_argument("--gsp-turns", type=int, default=2)
+    ap.add_argument("--need-level-s", type=float, default=12, help="time a sweep run needs at c <= 32 (scales with c)")
+    ap.add_argument("--need-long-s", type=float, default=15)
     a = ap.parse_args()
     a.out, a.tokenizer = os.path.abspath(a.out), os.path.abspath(a.tokenizer)  # the run chdirs below
+    if a.dry_run:  # tiny: 2 layers, short contexts, two levels of a few conversations
+        a.long_ctx, a.long_new, a.longest_ctx, a.longest_new, a.longest_prompts = 300, 8, 256, 4, 1
+        a.levels, a.convs, a.gsp_groups = "1,2", "2,4", 2
+        a.gsp_system_len, a.gsp_question_len, a.gsp_output_len = 48, 8, 4
+        a.budget_gb, a.max_running = 0.05, 8
+        a.deadline_s = max(a.deadline_s, 1800)  # a 2-core CPU starts two servers in minutes
     os.makedirs(a.out, exist_ok=True)
     # 16 GB of random weights: written to RAM (tmpfs) when there is one, a disk may take minutes.
     shm = "/dev/shm" if os.path.isdir("/dev/shm") and shutil.disk_usage("/dev/shm").free > 40e9 else None
     work = a.work or tempfile.mkdtemp(prefix="gpu_serving_", dir=shm)
     os.makedirs(os.path.join(work, "logs"), exist_ok=True)
     run = Run(a)
+    run.work = work
     R = run.res
     dev = "cpu" if a.dry_run else "cuda"
-    big, small = "llama3-8b-shape", "smollm2-135m-shape"
-    shapes = {k: dict(v) for k, v in SHAPES.items()}
-    if a.dry_run:  # tiny: 2 layers, short contexts
-        shapes[big].update(hidden_size=256, intermediate_size=512, num_hidden_layers=2, vocab_size=49152)
-        shapes[small].update(num_hidden_layers=2)
-        a.long_ctx, a.long_new, a.longest_ctx, a.chat_levels, a.chat_tokens = 300, 8, 600, "2", 4
-        a.big_budget_gb, a.small_budget_gb = 0.1, 0.05
-    if a.big_layers:
-        shapes[big]["num_hidden_layers"] = a.big_layers
-    R["setup"] = {"shapes": shapes, "kv_budget_gb": {big: a.big_budget_gb, small: a.small_budget_gb},
-                  "max_running_requests": a.max_running, "server_flags": GPU_FLAGS, "dry_run": a.dry_run}
-    if a.big_layers:
-        R["notes"].append(f"8B shape with {a.big_layers} layers instead of 32")
+    shape = dict(SHAPE)
+    if a.dry_run:
+        shape.update(hidden_size=256, intermediate_size=512, num_hidden_layers=2, vocab_size=49152)
+    if a.layers:
+        shape["num_hidden_layers"] = a.layers
+        R["notes"].append(f"8B shape with {a.layers} layers instead of 32")
+    R["setup"] = {"model": MODEL, "shape": shape, "kv_budget_gb": a.budget_gb, "max_running_requests": a.max_running,
+                  "dry_run": a.dry_run, "sglang": sglang_version(),
+                  "args": {k: v for k, v in vars(a).items() if k not in ("out", "tokenizer", "work", "quiet_file")}}
     R["notes"] += [
-        "random weights of real shapes; all servers: SGLang 0.5.23 from the bundle, no CUDA graphs, torch "
-        f"sampling, unfused torch norms/RoPE (bundle shim), --max-running-requests {a.max_running}, the same "
-        "--oscar-kv-budget-gb per model",
-        "oscar backend on CUDA: decode and prefill (extend) run the CUDA kernels (plan once per batch; extend = "
-        "one decode-kernel query per token over its earlier packed pages plus its own raw page); the "
-        "small-oscar-2-torch server runs the backend's torch path for both (SGLANG_OSCAR_DECODE=torch)",
-        "out_tok_per_s of the capacity-bound rows counts the whole wall time, prefill included; "
-        "decode_tok_per_s is the steady window in which every request is decoding (throughput_ratio uses it)"]
-    # Servers start in a directory of their own, so they import the installed package, not this checkout.
-    os.chdir(work)
+        "random weights of Llama-3.1-8B's shape; SGLang 0.5.23; both servers get identical flags except the "
+        "method (and bf16's --attention-backend): the same --oscar-kv-budget-gb and --max-running-requests; "
+        "no flag of this script disables decode CUDA graphs (servers.<name>.effective says what ran)",
+        f"bf16 attention backend: {BF16_GPU_BACKEND} on CUDA. SGLang's default on Hopper is fa3 from sgl-kernel, "
+        "which the GPU machine's SGLang bundle only stubs; triton is the fastest backend that runs from it",
+        "GPU-machine bundle flags on both servers: --cuda-graph-backend-prefill disabled (prefill graphs need "
+        "sgl-kernel), --sampling-backend pytorch, --skip-server-warmup (each server gets two warm-up requests "
+        "instead); norms/activation/RoPE run through SGLang's torch paths (unfused) on both sides",
+        f"--mem-fraction-static {a.mem_fraction} on both: the two servers share one GPU",
+        "capacity_bound: this script's streaming client; decode_tok_per_s is the window in which every request "
+        "decodes (ratios.capacity_bound_decode uses it), out_tok_per_s counts the whole wall time, prefill included",
+        "bench_serving: SGLang's own client and metrics (output_throughput = output tokens / run duration; "
+        "median TTFT/TPOT over requests); gsp = generated-shared-prefix, multi-turn through /v1/chat/completions "
+        "(the client's multi-turn mode needs a chat backend), --flush-cache before each run; long = random-ids, "
+        "token ids sent through /generate"]
+    if a.dry_run:
+        R["notes"].append("DRY RUN on the CPU: tiny model, numbers mean nothing")
+    os.chdir(work)  # servers import the installed package, not this checkout
 
-    # Checkpoints (the 8B one on the GPU's random generator: seconds; the disk write dominates).
-    ckpt = {}
-    ckpt[small] = run.phase("ckpt-135m", lambda: make_checkpoint(os.path.join(work, small), shapes[small],
-                                                                  a.tokenizer, dev, final_norm=4.0))
-    ckpt[big] = run.phase("ckpt-8b", lambda: make_checkpoint(os.path.join(work, big), shapes[big], a.tokenizer, dev))
-    if not ckpt[small] or not ckpt[big]:
+    ckpt = run.phase("checkpoint", lambda: make_checkpoint(os.path.join(work, MODEL), shape, a.tokenizer, dev))
+    if not ckpt:
         return finish(run, work)
     import torch
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 
-    logs = os.path.join(work, "logs")
-    specs = [
-        ("big-bf16", server_flags("bf16", ckpt[big], a.big_budget_gb, a.max_running, a.dry_run), {}),
-        ("big-oscar-2", server_flags("oscar-2", ckpt[big], a.big_budget_gb, a.max_running, a.dry_run), {}),
-        ("small-bf16", server_flags("bf16", ckpt[small], a.small_budget_gb, a.max_running, a.dry_run), {}),
-        ("small-oscar-2", server_flags("oscar-2", ckpt[small], a.small_budget_gb, a.max_running, a.dry_run), {}),
-        ("small-oscar-2-torch", server_flags("oscar-2", ckpt[small], a.small_budget_gb, a.max_running, a.dry_run),
-         {"SGLANG_OSCAR_DECODE": "torch"}),
-    ]
-    if a.servers:
-        specs = [sp for sp in specs if sp[0] in a.servers.split(",")]
+    specs = [(m, server_flags(m, ckpt, a)) for m in METHODS]
     t = time.time()
-    srv = run.phase("start-servers", lambda: start_all(specs, logs, timeout=max(60, min(400, run.left() - 120))))
+    srv = run.phase("start-servers", lambda: start_all(specs, os.path.join(work, "logs"),
+                                                       timeout=max(60, min(420, run.left() - 120))))
     if srv is None:
         return finish(run, work)
     R["startup_s"] = time.time() - t
+    up = {}
     for name, s in srv.items():
+        entry = R["servers"][name] = {"flags": dict(specs)[name]}
+        if isinstance(s, Server):
+            up[name] = s.url
+            entry["launch"] = "python -m sglang_oscar.launch_server " + " ".join(s.args[3:])
+            try:
+                entry["effective"] = effective_settings(server_info(s.url))
+            except Exception as e:  # noqa: BLE001
+                entry["effective"] = f"server_info failed: {e!r}"
+        else:
+            entry["error"] = repr(s)
         log(f"server {name}: {'up ' + s.url if isinstance(s, Server) else 'FAILED ' + repr(s)}")
-    up = {n: s.url for n, s in srv.items() if isinstance(s, Server)}
-    R["servers_up"] = sorted(up)
-    if not any("oscar" in n for n in up):
-        # Nothing to compare: keep the device time, report the failure (servers.log has the reason).
-        R["notes"].append("no oscar server came up; load phases skipped")
-        up = {n: u for n, u in up.items() if n == "big-bf16"}
-        run.deadline = min(run.deadline, time.time() + 30)
+    run.save()
     try:
-        body(run, a, up, shapes, big, small)
+        body(run, a, up, ckpt, work)
     finally:
         stop_all([s for s in srv.values() if isinstance(s, Server)])
         finish(run, work)
 
 
-def body(run, a, up, shapes, big, small):
+def body(run, a, up, ckpt, work):
     R = run.res
 
-    # capacity
     def capacity():
-        cap = {}
-        for name in ("big-bf16", "big-oscar-2", "small-bf16", "small-oscar-2"):
-            if name in up:
-                cap[name] = total_tokens(up[name])
-        b, o = cap.get("big-bf16"), cap.get("big-oscar-2")
-        R["capacity"] = {"bf16_tokens": b, "oscar_tokens": o, "ratio": (o / b) if b and o else None,
-                         "model": big, "kv_budget_gb": a.big_budget_gb,
-                         "per_server": cap,
-                         "max_concurrent_32k": {"bf16": b // (32768 + 64) if b else None,
-                                                "oscar-2": min(a.max_running, o // (32768 + 64)) if o else None,
-                                                "oscar-2_uncapped": o // (32768 + 64) if o else None}}
-        log(f"capacity {R['capacity']}")
+        cap = {m: serving.find_num(server_info(up[m]), "max_total_num_tokens") for m in METHODS if m in up}
+        b, o = cap.get("bf16"), cap.get("oscar-2")
+        R["capacity"] = {"tokens": cap, "kv_budget_gb": a.budget_gb, "max_running_requests": a.max_running}
+        R["ratios"]["capacity"] = o / b if b and o else None
+        log(f"capacity {cap} ratio {R['ratios']['capacity']}")
     run.phase("capacity", capacity)
 
-    # correctness: kernels vs torch path, hit vs miss (135M shape)
-    def correctness():
-        import threading
-        rng = random.Random(1)
-        prompts = [[rng.randrange(1000, 40000) for _ in range(n)] for n in (17, 63, 64, 65, 200, 700, 1500, 3000)]
-        n_new = 32 if not a.dry_run else 8
+    def warm():
+        # Compiles what the first prefill and decode need (Triton kernels, the CUDA extension's first launch).
+        rng = random.Random(7)
         out = {}
+        for m in METHODS:
+            if m in up:
+                t = time.time()
+                for n in (100, 1000):
+                    r = requests.post(up[m] + "/generate", timeout=300, json={
+                        "input_ids": [rng.randrange(1000, 40000) for _ in range(n)],
+                        "sampling_params": {"max_new_tokens": 8, "temperature": 0, "ignore_eos": True}})
+                    r.raise_for_status()
+                out[m] = time.time() - t
+                requests.post(up[m] + "/flush_cache", timeout=60)
+        R["warmup_s"] = out
+    run.phase("warm-up", warm)
 
-        def one(name):  # cold (miss) then the same prompts again (radix hit)
-            requests.post(up[name] + "/flush_cache", timeout=60)
-            out[name] = {"miss": greedy(up[name], prompts, n_new), "hit": greedy(up[name], prompts, n_new)}
-        ts = [threading.Thread(target=one, args=(n,)) for n in ("small-oscar-2", "small-oscar-2-torch", "small-bf16")
-              if n in up]
-        for t in ts:
-            t.start()
-        for t in ts:
-            t.join()
-        ids = {n: {k: [x["ids"] for x in o[k]] for k in o} for n, o in out.items()}
-        c = {"prompt_lens": [len(p) for p in prompts], "new_tokens": n_new}
-        if "small-oscar-2" in out and "small-oscar-2-torch" in out:
-            c["kernels_vs_torch_path"] = agreement(ids["small-oscar-2"]["miss"], ids["small-oscar-2-torch"]["miss"])
-            c["kernels_vs_torch_path"]["max_logprob_gap_common_prefix"] = logprob_gap(
-                out["small-oscar-2"]["miss"], out["small-oscar-2-torch"]["miss"])
-        for name, o in out.items():
-            c[f"{name}_hit_vs_miss"] = agreement(ids[name]["hit"], ids[name]["miss"])
-            c[f"{name}_hit_vs_miss"]["max_logprob_gap_common_prefix"] = logprob_gap(o["hit"], o["miss"])
-            c[f"{name}_cached_tokens_on_hit"] = [x["cached"] for x in o["hit"]]
-            c[f"{name}_cached_tokens_on_miss"] = [x["cached"] for x in o["miss"]]
-        if "small-oscar-2" in out and "small-bf16" in out:
-            c["oscar2_vs_bf16"] = agreement(ids["small-oscar-2"]["miss"], ids["small-bf16"]["miss"])
-        R["correctness"] = c
-        log(f"correctness {json.dumps({k: v for k, v in c.items() if 'vs' in k})}")
-    run.phase("correctness", correctness, need_s=30)
+    if a.quiet_file:
+        t = time.time()
+        while not os.path.exists(a.quiet_file) and time.time() - t < a.quiet_wait_s:
+            time.sleep(1)
+        R["quiet_wait"] = {"waited_s": time.time() - t, "quiet": os.path.exists(a.quiet_file)}
+        if not R["quiet_wait"]["quiet"]:
+            R["notes"].append("the caller's GPU tests were still running when the measurements began")
+        log(f"quiet wait {R['quiet_wait']}")
 
-    def add_row(method, model, row):
-        row = {"method": method, "model": model, **row}
-        R["rows"].append(row)
-        log(f"{method:8s} {model} c={row.get('concurrency')} ctx={row.get('ctx')} "
-            f"out {row.get('out_tok_per_s') or 0:.1f} tok/s decode {row.get('decode_tok_per_s') or 0:.1f} tok/s "
-            f"TPOT p50 {row.get('tpot_p50_ms') or 0:.1f} ms err {row.get('errors')}")
-
-    # multi-turn chat (bench/serving.py's driver)
-    def chat(prefix, model):
-        for c in [int(x) for x in a.chat_levels.split(",")]:
-            for method in ("bf16", "oscar-2"):
-                name = f"{prefix}-{method}"
-                if name not in up or run.left() < 40:
-                    continue
-                row = asyncio.run(serving.run_level(up[name], c, c, (2, 3), a.chat_tokens, seed=c,
-                                                    desc=f"{name} c={c}"))
-                row.update(ctx="chat", kind="multi-turn chat (shared system prompt, growing histories)")
-                add_row(method, model, row)
-    run.phase("chat-8b", lambda: chat("big", big), need_s=60)
-
-    # capacity-bound decode at 8k: as many unique requests as each pool holds
     def capacity_bound():
-        for method in ("bf16", "oscar-2"):
-            name = f"big-{method}"
-            if name not in up:
+        for m in METHODS:
+            if m not in up:
                 continue
-            tot = total_tokens(up[name])
+            tot = serving.find_num(server_info(up[m]), "max_total_num_tokens")
             # 5% margin: SGLang reserves decode room per running request; one queued request
             # would end the steady window (all decoding) before it starts.
             n = max(1, min(a.max_running, int(tot * 0.95) // (a.long_ctx + a.long_new + 64)))
-            requests.post(up[name] + "/flush_cache", timeout=60)
-            row = asyncio.run(long_ctx_run(up[name], n, a.long_ctx, a.long_new, seed=3,
+            requests.post(up[m] + "/flush_cache", timeout=60)
+            row = asyncio.run(long_ctx_run(up[m], n, a.long_ctx, a.long_new, seed=3,
                                            timeout_s=max(30, run.left() - 60)))
-            row["kind"] = "capacity-bound (unique prompts, as many as the pool holds)"
-            add_row(method, big, row)
-        rows = [r for r in R["rows"] if r.get("kind", "").startswith("capacity") and r["ctx"] == a.long_ctx]
-        by = {r["method"]: r for r in rows}
-        if "bf16" in by and "oscar-2" in by and by["bf16"].get("decode_tok_per_s") and by["oscar-2"].get(
-                "decode_tok_per_s"):
-            R["throughput_ratio"] = by["oscar-2"]["decode_tok_per_s"] / by["bf16"]["decode_tok_per_s"]
-            R["throughput_ratio_basis"] = (f"steady decode tok/s, {big}, {a.long_ctx}-token unique prompts, "
-                                           f"as many at once as each pool holds")
-    run.phase("capacity-bound-8k", capacity_bound, need_s=120)
+            row["method"] = m
+            R["capacity_bound"].append(row)
+            log(f"capacity-bound {m}: {n} x {a.long_ctx} tokens, decode {row.get('decode_tok_per_s') or 0:.1f} tok/s, "
+                f"TPOT p50 {row.get('tpot_p50_ms') or 0:.2f} ms, peak running {row.get('peak_running_reqs')}, "
+                f"errors {row['errors']}")
+        by = {r["method"]: r.get("decode_tok_per_s") for r in R["capacity_bound"]}
+        if by.get("bf16") and by.get("oscar-2"):
+            R["ratios"]["capacity_bound_decode"] = by["oscar-2"] / by["bf16"]
+    run.phase("capacity-bound", capacity_bound, need_s=90)
+
+    run.phase("bench-serving", lambda: run_bench_serving(run, a, up, ckpt, work), need_s=40)
 
 
-    # longest context at concurrency 1
-    def longest():
-        for method in ("bf16", "oscar-2"):
-            name = f"big-{method}"
-            if name in up and run.left() > 45:
-                row = asyncio.run(long_ctx_run(up[name], 1, a.longest_ctx, 64, seed=5,
-                                               timeout_s=max(30, run.left() - 25)))
-                row["kind"] = "one long request"
-                add_row(method, big, row)
-    run.phase("longest-ctx", longest, need_s=60)
+def ratios(R):
+    """oscar-2 / bf16 from bench_serving's own numbers, per run kind and level."""
+    res = {}
+    for r in (R.get("bench_serving") or {}).get("runs", []):
+        if r.get("result"):
+            res[(r["kind"], r.get("concurrency"), r["method"])] = r["result"]
 
-    run.phase("chat-135m", lambda: chat("small", small), need_s=40)
-
-    # decode-step split: attention (in process) vs the server's TPOT at the same batch and context
-    def split():
-        if a.dry_run:
-            return
-        rows = [r for r in R["rows"] if r["method"] == "oscar-2" and r["model"] == big and r.get("kind", "").startswith(
-            ("capacity", "one long")) and r.get("tpot_p50_ms")]
-        out = []
-        for r in rows:
-            t = attention_step_ms(shapes[big], r["concurrency"], r["ctx"])
-            t.update(server_tpot_ms=r["tpot_p50_ms"], attention_share=t["attention_ms"] / r["tpot_p50_ms"])
-            out.append(t)
-            log(f"split B={t['B']} ctx={t['ctx']}: attention {t['attention_ms']:.2f} ms (host {t['attention_host_ms']:.2f})"
-                f" of TPOT {r['tpot_p50_ms']:.2f} ms")
-        R["decode_step_split"] = {"method": "oscar backend decode (plan + per layer residual write, page store, "
-                                            "decode kernel) over all layers timed in-process with CUDA events; "
-                                            "rest = server TPOT p50 minus that", "runs": out}
-    run.phase("step-split", split, need_s=20)
+    def ratio(kind, c, key):
+        b, o = res.get((kind, c, "bf16"), {}).get(key), res.get((kind, c, "oscar-2"), {}).get(key)
+        return o / b if b and o else None
+    levels = sorted({c for (k, c, _) in res if k == "gsp"})
+    R["ratios"]["gsp_output_throughput"] = {str(c): ratio("gsp", c, "output_throughput") for c in levels}
+    R["ratios"]["gsp_median_ttft"] = {str(c): ratio("gsp", c, "median_ttft_ms") for c in levels}
+    R["ratios"]["gsp_median_tpot"] = {str(c): ratio("gsp", c, "median_tpot_ms") for c in levels}
+    R["ratios"]["long_median_ttft"] = ratio("long", None, "median_ttft_ms")
+    R["ratios"]["long_median_tpot"] = ratio("long", None, "median_tpot_ms")
 
 
 def finish(run, work):
     R = run.res
     R["wall_s"] = time.time() - T0
+    try:
+        ratios(R)
+    except Exception:  # noqa: BLE001
+        traceback.print_exc()
     run.save()
     # Server logs: one file, the tail of each (only a few files come back from a run).
     with open(os.path.join(run.a.out, "servers.log"), "w") as out:
@@ -618,13 +634,20 @@ def finish(run, work):
         for name in sorted(os.listdir(d)) if os.path.isdir(d) else []:
             with open(os.path.join(d, name), errors="replace") as f:
                 lines = f.readlines()
-            out.write(f"===== {name} ({len(lines)} lines, last 150) =====\n")
-            out.writelines(lines[-150:])
+            out.write(f"===== {name} ({len(lines)} lines, last 200) =====\n")
+            out.writelines(lines[-200:])
     try:
         plot(R, os.path.join(run.a.out, "gpu_serving.png"))
     except Exception:  # noqa: BLE001
         traceback.print_exc()
-    table(R)
+    text = run.paths_out(summary(R))
+    with open(os.path.join(run.a.out, "summary.txt"), "w") as f:
+        f.write(text)
+    print(text, flush=True)
+
+
+def gsp_rows(R):
+    return [r for r in (R.get("bench_serving") or {}).get("runs", []) if r["kind"] == "gsp" and r.get("result")]
 
 
 def plot(R, path):
@@ -632,44 +655,80 @@ def plot(R, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(16, 5))
-    cap = R.get("capacity") or {}
-    if cap.get("bf16_tokens"):
-        axes[0].bar(["bf16", "oscar-2"], [cap["bf16_tokens"], cap["oscar_tokens"] or 0], color=["tab:gray", "tab:blue"])
-        axes[0].set_title(f"KV capacity (tokens) at {cap.get('kv_budget_gb')} GiB, x{cap.get('ratio') or 0:.2f}",
-                          fontsize=9)
-    rows = [r for r in R["rows"] if r.get("out_tok_per_s")]
-    size = {"llama3-8b-shape": "8B", "smollm2-135m-shape": "135M"}
-    labels = [f"{r['method']} {size.get(r['model'], r['model'])} c={r['concurrency']} {r['ctx']}" for r in rows]
-    xs = range(len(rows))
-    axes[1].bar(xs, [r.get("decode_tok_per_s") or r["out_tok_per_s"] for r in rows],
-                color=["tab:gray" if r["method"] == "bf16" else "tab:blue" for r in rows])
-    axes[1].set_title("decode tok/s (steady; chat rows: out tok/s)", fontsize=9)
-    axes[2].bar(xs, [r.get("tpot_p50_ms") or 0 for r in rows],
-                color=["tab:gray" if r["method"] == "bf16" else "tab:blue" for r in rows])
-    axes[2].set_title("TPOT p50 (ms)", fontsize=9)
-    for ax in axes[1:]:
-        ax.set_xticks(list(xs))
-        ax.set_xticklabels(labels, fontsize=7, rotation=60, ha="right")
-    fig.suptitle(f"SGLang 0.5.23 + sglang_oscar on {R.get('hardware')} (random weights, real shapes)", fontsize=9)
+    color = {"bf16": "tab:gray", "oscar-2": "tab:blue"}
+    fig, axes = plt.subplots(1, 5, figsize=(24, 4.8))
+    cap = (R.get("capacity") or {}).get("tokens") or {}
+    if cap:
+        axes[0].bar(list(cap), [v or 0 for v in cap.values()], color=[color[m] for m in cap])
+        axes[0].set_title(f"KV capacity (tokens) at {R['capacity']['kv_budget_gb']} GiB, "
+                          f"x{R['ratios'].get('capacity') or 0:.2f}", fontsize=9)
+    rows = gsp_rows(R)
+    for ax, key, title in ((axes[1], "output_throughput", "output tok/s"),
+                           (axes[2], "median_ttft_ms", "TTFT p50 (ms)"),
+                           (axes[3], "median_tpot_ms", "TPOT p50 (ms)")):
+        for m in METHODS:
+            pts = sorted((r["concurrency"], r["result"].get(key)) for r in rows if r["method"] == m
+                         and r["result"].get(key) is not None)
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", color=color[m], label=m)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("bench_serving --max-concurrency")
+        ax.set_title(f"shared-prefix multi-turn: {title}", fontsize=9)
+        ax.legend(fontsize=8)
+    cb = {r["method"]: r for r in R.get("capacity_bound") or []}
+    longs = {r["method"]: r["result"] for r in (R.get("bench_serving") or {}).get("runs", [])
+             if r["kind"] == "long" and r.get("result")}
+    if cb:
+        ms = [m for m in METHODS if m in cb]
+        axes[4].bar(ms, [cb[m].get("decode_tok_per_s") or 0 for m in ms], color=[color[m] for m in ms])
+        for i, m in enumerate(ms):
+            axes[4].text(i, (cb[m].get("decode_tok_per_s") or 0), f"{cb[m]['concurrency']} reqs", ha="center",
+                         va="bottom", fontsize=8)
+    n_long = R["setup"]["args"]["longest_ctx"]
+    extra = "\n".join(f"{m}: one {n_long}-token prompt, TTFT {longs[m].get('median_ttft_ms') or 0:.0f} ms, TPOT "
+                      f"{longs[m].get('median_tpot_ms') or 0:.1f} ms" for m in METHODS if m in longs)
+    axes[4].set_title(f"capacity-bound decode tok/s ({R['setup']['args']['long_ctx']}-token prompts)\n{extra}",
+                      fontsize=8)
+    hw = (R.get("hardware") or {}).get("name")
+    fig.suptitle(f"SGLang {R['setup'].get('sglang')} bf16 vs sglang_oscar oscar-2 on {hw} "
+                 f"({R['setup']['model']}, random weights)", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
 
 
-def table(R):
-    print("\n== gpu_serving summary ==")
-    print("phases:", json.dumps(R.get("phases")))
-    print("capacity:", json.dumps(R.get("capacity")))
-    print("correctness:", json.dumps({k: v for k, v in (R.get("correctness") or {}).items() if "vs" in k or "hit" in k},
-                                     default=str)[:1500])
-    print(f"{'method':8s} {'model':20s} {'c':>4s} {'ctx':>6s} {'out tok/s':>10s} {'dec tok/s':>10s} {'TPOT ms':>8s} err")
-    for r in R["rows"]:
-        print(f"{r['method']:8s} {r['model']:20s} {r['concurrency']:4d} {str(r['ctx']):>6s} "
-              f"{r.get('out_tok_per_s') or 0:10.1f} {r.get('decode_tok_per_s') or 0:10.1f} "
-              f"{r.get('tpot_p50_ms') or 0:8.2f} {r.get('errors')}")
-    print("throughput_ratio:", R.get("throughput_ratio"))
-    for s in (R.get("decode_step_split") or {}).get("runs", []):
-        print(f"split: {s}")
+def summary(R):
+    """A short table of what was measured (printed last by gpu_serving.sh)."""
+    f = lambda v, p=1: "-" if v is None else f"{v:.{p}f}"  # noqa: E731
+    out = ["", f"== gpu_serving summary ({(R.get('hardware') or {}).get('name')}) ==",
+           "phases: " + json.dumps(R.get("phases"))]
+    for m, s in (R.get("servers") or {}).items():
+        eff = s.get("effective") if isinstance(s.get("effective"), dict) else {}
+        keys = [k for k in ("attention_backend", "cuda_graph_backend_decode", "cuda_graph_max_bs_decode",
+                            "page_size", "max_running_requests") if k in eff]
+        out.append(f"server {m}: " + (", ".join(f"{k}={eff[k]}" for k in keys) or s.get("error", "?")))
+    cap = (R.get("capacity") or {}).get("tokens") or {}
+    out.append(f"capacity tokens: {cap}  ratio {f(R['ratios'].get('capacity'), 2)}")
+    for r in R.get("capacity_bound") or []:
+        out.append(f"capacity-bound {r['method']:8s} {r['concurrency']:3d} x {r['ctx']}: decode "
+                   f"{f(r.get('decode_tok_per_s'))} tok/s, TPOT p50 {f(r.get('tpot_p50_ms'), 2)} ms, "
+                   f"errors {r['errors']}")
+    out.append(f"capacity-bound decode ratio: {f(R['ratios'].get('capacity_bound_decode'), 2)}")
+    out.append(f"{'bench_serving run':24s} {'status':8s} {'done':>5s} {'out tok/s':>10s} {'TTFT p50':>9s} "
+               f"{'TPOT p50':>9s} {'hit %':>6s}")
+    for r in (R.get("bench_serving") or {}).get("runs", []):
+        res = r.get("result") or {}
+        hit = (res.get("cache_report") or {}).get("cache_hit_rate_pct")
+        out.append(f"{r['name']:24s} {r['status'][:8]:8s} {str(res.get('completed', '-')):>5s} "
+                   f"{f(res.get('output_throughput')):>10s} {f(res.get('median_ttft_ms')):>9s} "
+                   f"{f(res.get('median_tpot_ms'), 2):>9s} {f(hit):>6s}")
+    rt = R.get("ratios") or {}
+    out.append("oscar-2/bf16 gsp output tok/s by concurrency: "
+               + json.dumps({c: None if v is None else round(v, 2) for c, v in
+                             (rt.get("gsp_output_throughput") or {}).items()}))
+    out.append(f"oscar-2/bf16 long prompt: TTFT {f(rt.get('long_median_ttft'), 2)}x, "
+               f"TPOT {f(rt.get('long_median_tpot'), 2)}x")
+    out.append(f"wall {f(R.get('wall_s'), 0)} s")
+    return "\n".join(out) + "\n"
 
 
 if __name__ == "__main__":
