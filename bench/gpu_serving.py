@@ -311,7 +311,7 @@ def bench_serving_plan(a, up, model, outdir):
             if m in up:
                 name = f"gsp-{m}-c{c}"
                 runs.append({"name": name, "method": m, "kind": "gsp", "concurrency": c, "conversations": n,
-                             "need_s": a.need_level_s * max(1.0, c / 32), "argv": [
+                             "need_s": a.need_level_s * max(1.0, c / 64), "argv": [
                                  "--backend", "sglang-oai-chat", "--dataset-name", "generated-shared-prefix",
                                  "--gsp-num-groups", str(a.gsp_groups),
                                  "--gsp-prompts-per-group", str(n // a.gsp_groups),
@@ -452,13 +452,14 @@ def main():
     ap.add_argument("--longest-new", type=int, default=64)
     ap.add_argument("--longest-prompts", type=int, default=2)
     ap.add_argument("--levels", default="1,8,32,128,256", help="bench_serving --max-concurrency sweep")
-    ap.add_argument("--convs", default="4,16,64,256,384", help="conversations per level (gsp groups x prompts)")
+    ap.add_argument("--convs", default="4,16,64,256,256",
+                    help="conversations per level (a multiple of --gsp-groups; each is --gsp-turns requests)")
     ap.add_argument("--gsp-groups", type=int, default=4)
     ap.add_argument("--gsp-system-len", type=int, default=2048)
     ap.add_argument("--gsp-question-len", type=int, default=128)
     ap.add_argument("--gsp-output-len", type=int, default=128)
     ap.add_argument("--gsp-turns", type=int, default=2)
-    ap.add_argument("--need-level-s", type=float, default=12, help="time a sweep run needs at c <= 32 (scales with c)")
+    ap.add_argument("--need-level-s", type=float, default=12, help="time a sweep run needs at c <= 64 (scales with c)")
     ap.add_argument("--need-long-s", type=float, default=15)
     a = ap.parse_args()
     a.out, a.tokenizer = os.path.abspath(a.out), os.path.abspath(a.tokenizer)  # the run chdirs below
