@@ -12,6 +12,7 @@ import json
 import os
 
 ENV = "SGLANG_OSCAR_CONFIG"
+DEBUG_ENV = "SGLANG_OSCAR_DEBUG"  # "1": /server_info adds per-page digests and a radix tree check
 METHODS = ("bf16", "kivi", "quarot", "oscar")
 K_GROUP = 32  # tokens per K quantization group (per channel)
 V_GROUP = 32  # channels per V quantization group (per token)
@@ -77,8 +78,8 @@ class OscarConfig:
 
     @classmethod
     def from_env(cls) -> "OscarConfig | None":
-        text = os.environ.get(ENV)
-        return cls.from_json(text) if text else None
+        """This process's config (see current())."""
+        return current()
 
     # ---- command line -------------------------------------------------------------------------
     @staticmethod
@@ -102,3 +103,37 @@ class OscarConfig:
         cls.add_cli_args(parser)
         ns, rest = parser.parse_known_args(argv)
         return ns, rest
+
+
+# ---- the process's config: read once --------------------------------------------------------------
+_UNSET = object()
+_current = _UNSET
+_debug = None
+
+
+def current() -> OscarConfig | None:
+    """The server's config in this process: set by the launcher (set_current), or read once from
+    SGLANG_OSCAR_CONFIG in SGLang's child processes, which inherit the launcher's environment."""
+    global _current
+    if _current is _UNSET:
+        text = os.environ.get(ENV)
+        _current = OscarConfig.from_json(text) if text else None
+    return _current
+
+
+def set_current(cfg: OscarConfig | None) -> None:
+    """Make cfg this process's config and hand it to the child processes SGLang starts."""
+    global _current
+    if cfg is None:
+        os.environ.pop(ENV, None)
+    else:
+        os.environ[ENV] = cfg.to_json()
+    _current = cfg
+
+
+def debug() -> bool:
+    """SGLANG_OSCAR_DEBUG=1, read once per process."""
+    global _debug
+    if _debug is None:
+        _debug = os.environ.get(DEBUG_ENV) == "1"
+    return _debug

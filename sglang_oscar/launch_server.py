@@ -1,7 +1,7 @@
 """`python -m sglang_oscar.launch_server [SGLang flags] [--oscar-* flags]`: SGLang's HTTP server with OScaR.
 
 Parses the --oscar-* flags, refuses flags and models OScaR cannot serve (one clear message), fills
-in what the plugin needs (the `oscar` backend, page size, a bounded request count, no CUDA graphs,
+in what the plugin needs (the `oscar` backend, page size, a bounded request count, eager prefill,
 SGLang's CPU engine settings on a machine without CUDA, the embedded default model), hands the
 config to SGLang's scheduler processes through SGLANG_OSCAR_CONFIG, then runs SGLang's own server.
 """
@@ -14,20 +14,14 @@ import logging
 import os
 import sys
 
-from .config import ENV, OscarConfig
+from .config import OscarConfig, set_current
 from .hadamard import is_power_of_two
 
 logger = logging.getLogger("sglang_oscar")
 
 SUPPORTED_ARCHS = {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"}
 DEFAULT_PAGE = 64
-REFUSED_FLAGS = {
-    "--enable-hierarchical-cache": "HiCache copies raw KV bytes",
-    "--enable-kv-cache-sharding": "KV sharding re-lays out raw KV pages",
-    "--enable-unified-memory": "the unified memory pool has its own KV layout",
-    "--enable-lmcache": "LMCache copies raw KV bytes",
-    "--enable-dp-attention": "DP attention is not supported by the oscar backend",
-}
+PROG = "python -m sglang_oscar.launch_server"
 
 
 class LaunchError(SystemExit):
@@ -35,24 +29,122 @@ class LaunchError(SystemExit):
         super().__init__(f"sglang_oscar: error: {msg}")
 
 
-def _value(argv, flag):
-    """Value of `flag X` / `flag=X` in argv (last one wins), or None."""
-    val = None
-    for i, a in enumerate(argv):
-        if a == flag and i + 1 < len(argv):
-            val = argv[i + 1]
-        elif a.startswith(flag + "="):
-            val = a.split("=", 1)[1]
-    return val
-
-
-def _has(argv, flag):
-    return any(a == flag or a.startswith(flag + "=") for a in argv)
-
-
 def cuda_available() -> bool:
     import torch
     return torch.cuda.is_available()
+
+
+# ---- SGLang's own argument parsing ------------------------------------------------------------
+def sglang_parser() -> argparse.ArgumentParser:
+    """SGLang's server parser, with "oscar" among the attention backends."""
+    from sglang.srt.arg_groups.choices import ATTENTION_BACKEND_CHOICES, add_attention_backend_choices
+    from sglang.srt.server_args import ServerArgs
+
+    if "oscar" not in ATTENTION_BACKEND_CHOICES:
+        add_attention_backend_choices(["oscar"])
+    parser = argparse.ArgumentParser(prog=PROG)
+    ServerArgs.add_cli_args(parser)
+    return parser
+
+
+def parse_sglang_args(argv: list[str]) -> argparse.Namespace:
+    """What SGLang itself will read from argv: its parser (abbreviations, aliases, `--config` files),
+    except that --model-path may be left out here (the embedded default model fills it in)."""
+    parser = sglang_parser()
+    for action in parser._actions:
+        if action.dest == "model_path":
+            action.required = False
+    if "--config" in argv:  # the same merge prepare_server_args does
+        from sglang.srt.utils.server_args_config_parser import ConfigArgumentMerger
+        argv = ConfigArgumentMerger(parser).merge_config_with_args(argv)
+    return parser.parse_args(argv)
+
+
+# ---- what OScaR cannot serve ------------------------------------------------------------------
+def _kv_dtype(a):
+    if a.kv_cache_dtype not in ("auto", "bf16", "bfloat16"):
+        return (f"--kv-cache-dtype {a.kv_cache_dtype} cannot be combined with --oscar-method {{method}} "
+                "(OScaR stores its own packed format; use --oscar-method bf16 for plain SGLang)")
+
+
+def _backends(a):
+    for flag in ("attention_backend", "prefill_attention_backend", "decode_attention_backend"):
+        val = getattr(a, flag)
+        if val not in (None, "oscar"):
+            return (f"--{flag.replace('_', '-')} {val} cannot be combined with --oscar-method {{method}} "
+                    "(OScaR serves through its own 'oscar' backend)")
+
+
+def _speculative(a):
+    if a.speculative_algorithm is not None or a.speculative_draft_model_path is not None \
+            or a.decoupled_spec_role not in (None, "null"):
+        what = a.speculative_algorithm or "a draft model"
+        return (f"speculative decoding ({what}) is not supported with OScaR "
+                "(draft KV moves copy raw KV bytes)")
+
+
+def _flag(field, why, bad=bool):
+    """A refusal for one ServerArgs field: message when bad(value)."""
+    def check(a):
+        val = getattr(a, field)
+        if bad(val):
+            shown = f" {val}" if isinstance(val, (str, int, float)) and not isinstance(val, bool) else ""
+            return f"--{field.replace('_', '-')}{shown} is not supported with OScaR: {why}"
+    return check
+
+
+_RAW_KV = "it copies raw K/V bytes, which the packed pool does not have"
+# Every ServerArgs feature that reads, moves or re-lays out KV bytes, or that changes the weights
+# the V rotation is folded into, with the reason it would silently break OScaR.
+REFUSALS = (
+    _kv_dtype,
+    _backends,
+    _speculative,
+    _flag("dtype", "the raw residual pages and the kernels hold 2-byte K/V (use bfloat16 or float16)",
+          lambda v: v in ("float", "float32")),
+    _flag("enable_hierarchical_cache", "HiCache " + _RAW_KV),
+    _flag("hicache_storage_backend", "HiCache storage " + _RAW_KV, lambda v: v is not None),
+    _flag("enable_hisparse", "HiSparse offloads raw K/V"),
+    _flag("enable_lmcache", "LMCache " + _RAW_KV),
+    _flag("enable_flexkv", "FlexKV " + _RAW_KV),
+    _flag("enable_unified_cache_external_linker", "the external KV linker " + _RAW_KV),
+    _flag("disaggregation_mode", "PD disaggregation transfers raw KV bytes", lambda v: v not in (None, "null")),
+    _flag("enable_pd_role_switch", "PD role switching transfers raw KV bytes"),
+    _flag("enable_kv_cache_sharding", "KV sharding re-lays out raw KV pages"),
+    _flag("enable_unified_memory", "the unified memory pool has its own KV layout"),
+    _flag("enable_page_major_kv_layout", "the page-major layout is a different KV pool"),
+    _flag("enable_dp_attention", "DP attention is not supported by the oscar backend"),
+    _flag("attn_dp_size", "DP attention is not supported by the oscar backend", lambda v: (v or 1) > 1),
+    _flag("dcp_size", "decode context parallelism splits a request's KV across ranks", lambda v: (v or 1) > 1),
+    _flag("attn_cp_size", "context parallelism splits a request's KV across ranks", lambda v: (v or 1) > 1),
+    _flag("enable_prefill_cp", "context-parallel prefill splits a request's KV across ranks"),
+    _flag("enable_lora", "the V rotation is folded into v_proj/o_proj, and a LoRA adapter's delta on "
+          "those projections would bypass it"),
+    _flag("lora_paths", "the V rotation is folded into v_proj/o_proj, and a LoRA adapter's delta on "
+          "those projections would bypass it", lambda v: bool(v)),
+    _flag("quantization", "the V rotation is folded into v_proj/o_proj, which needs unquantized weights",
+          lambda v: v is not None),
+    _flag("modelopt_quant", "the V rotation is folded into v_proj/o_proj, which needs unquantized weights",
+          lambda v: v is not None),
+    _flag("enable_memory_saver", "releasing and resuming memory would restore v_proj/o_proj without the "
+          "folded V rotation, and the packed pool is not registered with the memory saver"),
+    _flag("enable_streaming_session", "a streaming session keeps its KV, partial page included, outside "
+          "the radix tree, where the packed pool's per-request residual row does not follow it"),
+    _flag("enable_session_radix_cache", "session caching keeps a request's partial page outside the "
+          "per-request residual row of the packed pool"),
+    _flag("kv_canary_real_data", "the KV canary reads raw K/V bytes", lambda v: v not in (None, "none")),
+)
+
+
+def refusal(a: argparse.Namespace, cfg: OscarConfig) -> str | None:
+    """The first reason OScaR cannot serve these (parsed) SGLang arguments, or None."""
+    for check in REFUSALS:
+        msg = check(a)
+        if msg:
+            return msg.replace("{method}", cfg.method)
+    if a.page_size is not None and a.page_size != cfg.page_size:
+        return f"--page-size {a.page_size} differs from --oscar-page-size {cfg.page_size}"
+    return None
 
 
 def check_model(model_path: str) -> None:
@@ -68,6 +160,10 @@ def check_model(model_path: str) -> None:
     if not archs & SUPPORTED_ARCHS:
         raise LaunchError(f"{model_path}: architecture {sorted(archs)} is not supported "
                           f"(supported: {', '.join(sorted(SUPPORTED_ARCHS))})")
+    if c.get("quantization_config"):
+        method = c["quantization_config"].get("quant_method", "?")
+        raise LaunchError(f"{model_path}: quantized weights ({method}) are not supported by OScaR "
+                          "(the V rotation is folded into v_proj/o_proj, which needs unquantized weights)")
     head_dim = c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
     if not is_power_of_two(head_dim) or head_dim < 32:
         raise LaunchError(f"{model_path}: head_dim {head_dim} is not a power of two >= 32 "
@@ -76,98 +172,84 @@ def check_model(model_path: str) -> None:
         raise LaunchError(f"{model_path}: sliding-window attention is not supported by OScaR")
 
 
-def build_argv(cfg: OscarConfig, rest: list[str], on_cuda: bool) -> list[str]:
-    """Validate SGLang flags against the config and add what the plugin needs."""
-    argv = list(rest)
+# ---- what the plugin needs, added where the user left SGLang's default -------------------------
+def additions(cfg: OscarConfig, a: argparse.Namespace, on_cuda: bool) -> list[str]:
+    """SGLang flags to append to the user's argv (each only where the parsed value is unset)."""
+    add = []
+    if a.served_model_name is None and os.path.isdir(a.model_path):
+        # SGLang would call a local model by its filesystem path in /v1/models and in responses.
+        add += ["--served-model-name", os.path.basename(os.path.normpath(a.model_path))]
     if cfg.quantized:
-        kv = _value(argv, "--kv-cache-dtype")
-        if kv not in (None, "auto", "bf16", "bfloat16"):
-            raise LaunchError(f"--kv-cache-dtype {kv} cannot be combined with --oscar-method {cfg.method} "
-                              "(OScaR stores its own packed format; use --oscar-method bf16 for plain SGLang)")
-        for flag in ("--attention-backend", "--prefill-attention-backend", "--decode-attention-backend"):
-            val = _value(argv, flag)
-            if val not in (None, "oscar"):
-                raise LaunchError(f"{flag} {val} cannot be combined with --oscar-method {cfg.method} "
-                                  "(OScaR serves through its own 'oscar' backend)")
-        spec = [a.split("=")[0] for a in argv if a.startswith("--speculative-")]
-        if spec:
-            raise LaunchError(f"speculative decoding ({spec[0]}) is not supported with OScaR "
-                              "(draft KV moves copy raw KV bytes)")
-        for flag, why in REFUSED_FLAGS.items():
-            if _has(argv, flag):
-                raise LaunchError(f"{flag} is not supported with OScaR: {why}")
-        mode = _value(argv, "--disaggregation-mode")
-        if mode not in (None, "null"):
-            raise LaunchError("PD disaggregation is not supported with OScaR (it transfers raw KV bytes)")
-        dcp = _value(argv, "--dcp-size")
-        if dcp not in (None, "1"):
-            raise LaunchError("decode context parallelism (--dcp-size > 1) is not supported with OScaR")
-        page = _value(argv, "--page-size")
-        if page is not None and int(page) != cfg.page_size:
-            raise LaunchError(f"--page-size {page} differs from --oscar-page-size {cfg.page_size}")
-        if page is None:
-            argv += ["--page-size", str(cfg.page_size)]
-        if not _has(argv, "--attention-backend"):
-            argv += ["--attention-backend", "oscar"]
-        if not _has(argv, "--max-running-requests"):
+        if a.page_size is None:
+            add += ["--page-size", str(cfg.page_size)]
+        if a.attention_backend is None:
+            add += ["--attention-backend", "oscar"]
+        if a.max_running_requests is None:
             # The raw residual is one partial page per request row: keep the row count bounded.
-            argv += ["--max-running-requests", "128" if on_cuda else "32"]
-        for flag in ("--cuda-graph-backend-decode", "--cuda-graph-backend-prefill"):
-            if not _has(argv, flag):
-                argv += [flag, "disabled"]
-    if on_cuda and not _has(argv, "--sampling-backend") and importlib.util.find_spec("flashinfer") is None:
+            add += ["--max-running-requests", "128" if on_cuda else "32"]
+        # Prefill stays eager; decode runs under SGLang's CUDA graphs wherever the kernels serve it.
+        from .ops import torch_path_reason
+        eager = ["cuda_graph_backend_prefill"]
+        if not on_cuda or torch_path_reason(cfg):
+            eager.append("cuda_graph_backend_decode")
+        for flag in eager:
+            if getattr(a, flag) is None:
+                add += ["--" + flag.replace("_", "-"), "disabled"]
+    if on_cuda and a.sampling_backend is None and importlib.util.find_spec("flashinfer") is None:
         # SGLang picks FlashInfer's sampler on any CUDA platform; without the package, torch's sampler.
-        argv += ["--sampling-backend", "pytorch"]
+        add += ["--sampling-backend", "pytorch"]
     if not on_cuda:
-        if not _has(argv, "--device"):
-            argv += ["--device", "cpu"]
-        if not _has(argv, "--attention-backend"):
-            argv += ["--attention-backend", "torch_native"]
-        for flag, val in (("--sampling-backend", "pytorch"), ("--cuda-graph-backend-decode", "disabled"),
-                          ("--cuda-graph-backend-prefill", "disabled")):
-            if not _has(argv, flag):
-                argv += [flag, val]
-        if not _has(argv, "--skip-server-warmup"):
-            argv.append("--skip-server-warmup")
-        if not _has(argv, "--sleep-on-idle"):
+        for flag, val in (("device", "cpu"), ("attention_backend", "torch_native"),
+                          ("sampling_backend", "pytorch"), ("cuda_graph_backend_decode", "disabled"),
+                          ("cuda_graph_backend_prefill", "disabled")):
+            if getattr(a, flag) is None and "--" + flag.replace("_", "-") not in add:
+                add += ["--" + flag.replace("_", "-"), val]
+        if not a.sleep_on_idle:
             # An idle scheduler otherwise busy-polls one core, which the running server's torch threads
             # (or a second server on the same machine) then lack.
-            argv.append("--sleep-on-idle")
-    return argv
+            add.append("--sleep-on-idle")
+    return add
 
 
 def resolve(argv: list[str]):
-    """(config, SGLang argv) from the user's argv; raises LaunchError on bad input."""
+    """(config, SGLang argv) from the user's argv; raises LaunchError on bad input.
+
+    Every check reads SGLang's own parse of the arguments, so abbreviations (`--kv-cache-dt`),
+    aliases and `--config` files are judged exactly as SGLang will read them.
+    """
     ns, rest = OscarConfig.parse_known_args(argv)
-    page = ns.oscar_page_size or int(_value(rest, "--page-size") or DEFAULT_PAGE)
+    sg = parse_sglang_args(rest)
     try:
-        cfg = OscarConfig(method=ns.oscar_method, bits=ns.oscar_bits, page_size=page, prefill=ns.oscar_prefill,
-                          kv_budget_gb=ns.oscar_kv_budget_gb)
+        cfg = OscarConfig(method=ns.oscar_method, bits=ns.oscar_bits,
+                          page_size=ns.oscar_page_size or sg.page_size or DEFAULT_PAGE,
+                          prefill=ns.oscar_prefill, kv_budget_gb=ns.oscar_kv_budget_gb)
     except ValueError as e:
         raise LaunchError(str(e)) from None
-    if not _has(rest, "--model-path") and not _has(rest, "--model"):
+    if sg.model_path is None:
         from .model import default_model_path
         rest = ["--model-path", default_model_path()] + rest
-    model = _value(rest, "--model-path") or _value(rest, "--model")
+        sg.model_path = rest[1]
     if cfg.quantized:
-        check_model(model)
-    return cfg, build_argv(cfg, rest, cuda_available())
+        msg = refusal(sg, cfg)
+        if msg:
+            raise LaunchError(msg)
+        check_model(sg.model_path)
+    return cfg, rest + additions(cfg, sg, cuda_available())
 
 
 def main(argv=None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if "-h" in argv or "--help" in argv:
-        p = argparse.ArgumentParser(prog="python -m sglang_oscar.launch_server",
+        p = argparse.ArgumentParser(prog=PROG,
                                     description="SGLang server with OScaR KV-cache quantization. "
                                     "All SGLang flags are accepted; SGLang's own help follows.")
         OscarConfig.add_cli_args(p)
         p.print_help()
         print()
     cfg, sglang_argv = resolve(argv)
-    if cfg.quantized or cfg.kv_budget_gb is not None:
-        os.environ[ENV] = cfg.to_json()
-    else:
-        os.environ.pop(ENV, None)  # plain SGLang: the plugin stays inert
+    # SGLang's scheduler processes read the config from the environment; plain bf16 without a
+    # budget leaves the plugin inert.
+    set_current(cfg if cfg.quantized or cfg.kv_budget_gb is not None else None)
     if not cuda_available():
         os.environ["SGLANG_USE_CPU_ENGINE"] = "1"
     from . import plugin

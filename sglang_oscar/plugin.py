@@ -8,20 +8,20 @@ the registry only logs failures):
   sizing         DefaultPoolConfigurator.__init__             -> real packed bytes per token + residual
   fused KV write models.utils.enable_fused_set_kv_buffer      -> False (it would bypass the pool)
   V rotation     ModelRunner.maybe_apply_post_load_model_transforms -> fold H into v_proj / o_proj
-  reporting      build_server_info / scheduler internal state -> config, fingerprint, pool state
+  reporting      build_server_info / scheduler internal state -> config, fingerprint, pool state;
+                 Scheduler.emit_metrics_constants -> the pool's Prometheus gauges (--enable-metrics)
+The hooks are verified where failing stops the launch: the `oscar` backend's factory, below.
 """
 from __future__ import annotations
 
 import hashlib
 import logging
 import math
-import os
 
-from .config import OscarConfig
+from .config import DEBUG_ENV, OscarConfig, current, debug  # noqa: F401 - DEBUG_ENV re-exported
 
 logger = logging.getLogger(__name__)
 _registered = False
-DEBUG_ENV = "SGLANG_OSCAR_DEBUG"  # adds per-page digests of the packed bytes to /server_info
 
 T_CONFIGURATOR = "sglang.srt.mem_cache.kv_cache_configurator.KVCacheConfigurator"
 T_POOL_CLASS = T_CONFIGURATOR + "._resolve_kv_pool_class"
@@ -32,13 +32,14 @@ T_POST_LOAD = "sglang.srt.model_executor.model_runner.ModelRunner.maybe_apply_po
 T_SERVER_INFO = "sglang.srt.utils.common.build_server_info"
 T_BUDGET = T_CONFIGURATOR + "._profile_available_bytes"
 T_STATE = "sglang.srt.managers.scheduler_components.internal_state.SchedulerInternalStateController._add_memory_usage"
+T_METRICS = "sglang.srt.managers.scheduler.Scheduler.emit_metrics_constants"
 SCHEDULER_HOOKS = (T_POOL_CLASS, T_POOL_BUILD, T_SIZING, T_FUSED, T_POST_LOAD)
 
 
 def register() -> None:
     """Entry point. Idempotent: registering twice would double-wrap the AROUND hooks."""
     global _registered
-    cfg = OscarConfig.from_env()
+    cfg = current()
     if _registered or cfg is None:
         return
     _registered = True
@@ -56,6 +57,7 @@ def register() -> None:
 
     @register_attention_backend("oscar")
     def _make_backend(model_runner):
+        verify_hooks(model_runner)
         from .backend import OscarAttnBackend
         return OscarAttnBackend(model_runner)
 
@@ -66,6 +68,7 @@ def register() -> None:
     HookRegistry.register(T_POST_LOAD, _fold_v, HookType.AFTER)
     HookRegistry.register(T_SERVER_INFO, _server_info, HookType.AFTER)
     HookRegistry.register(T_STATE, _internal_state, HookType.AFTER)
+    HookRegistry.register(T_METRICS, _metrics, HookType.AFTER)
 
 
 # ---- hooks -----------------------------------------------------------------------------------
@@ -95,7 +98,7 @@ def _sizing(result, self, kvc, *args, **kwargs):
     from . import layout
     from .pool import residual_bytes
 
-    cfg = OscarConfig.from_env()
+    cfg = current()
     mc = kvc.model_config
     heads = mc.get_num_kv_heads(pc.get_parallel().attn_tp_size)
     layers = kvc.layer_info.num_effective_layers
@@ -107,7 +110,7 @@ def _sizing(result, self, kvc, *args, **kwargs):
 
 
 def _fold_v(result, runner, *args, **kwargs):
-    cfg = OscarConfig.from_env()
+    cfg = current()
     if not cfg.rotate or getattr(runner, "is_draft_worker", False):
         runner._oscar_v_folded = True
         return
@@ -138,7 +141,7 @@ def _torch():
 
 
 def _server_info(result, *args, **kwargs):
-    result["oscar"] = oscar_info(OscarConfig.from_env())
+    result["oscar"] = oscar_info(current())
     return result
 
 
@@ -156,20 +159,41 @@ def _internal_state(result, controller, state, *args, **kwargs):
 
 
 def pool_state(sched) -> dict:
-    from . import layout
+    from .report import kv_summary
     alloc = sched.token_to_kv_pool_allocator
-    pool, cfg = alloc.get_kvcache(), OscarConfig.from_env()
-    packed = layout.bytes_per_token(pool.head_num, pool.head_dim, cfg.bits) * pool.layer_num
-    bf16 = pool.head_num * pool.head_dim * 2 * 2 * pool.layer_num
-    info = {"fingerprint": cfg.fingerprint(),
-            "bytes_per_token": packed, "bf16_bytes_per_token": bf16, "compression": bf16 / packed,
-            "available_tokens": int(alloc.available_size()),
-            "evictable_tokens": int(sched.tree_cache.evictable_size()),
-            "max_total_num_tokens": int(sched.max_total_num_tokens)}
-    if os.environ.get(DEBUG_ENV) == "1":
+    s = kv_summary(alloc.get_kvcache())
+    info = {k: s[k] for k in ("fingerprint", "bytes_per_token", "bf16_bytes_per_token", "compression",
+                              "packed_bytes", "residual_bytes", "total_bytes")}
+    info.update(available_tokens=int(alloc.available_size()),
+                evictable_tokens=int(sched.tree_cache.evictable_size()),
+                max_total_num_tokens=int(sched.max_total_num_tokens))
+    if debug():
         info["page_digests"] = page_digests(alloc)
         info["tree_check"] = tree_check(sched)
     return info
+
+
+_gauges = None
+
+
+def _metrics(result, sched, *args, **kwargs):
+    """Prometheus gauges of the pool beside SGLang's own constants (same labels, same process)."""
+    global _gauges
+    collector = getattr(sched, "metrics_collector", None)
+    if collector is None:
+        return
+    from prometheus_client import Gauge  # after SGLang set PROMETHEUS_MULTIPROC_DIR
+    from .report import kv_summary
+    if _gauges is None:
+        doc = {"bytes_per_token": "OScaR: stored KV bytes per token over all layers (packed pages).",
+               "capacity_tokens": "OScaR: tokens the packed KV pool holds.",
+               "compression_ratio": "OScaR: bf16 KV bytes per token / packed KV bytes per token."}
+        _gauges = {k: Gauge(f"sglang:oscar_kv_{k}", d, labelnames=list(collector.labels),
+                            multiprocess_mode="mostrecent") for k, d in doc.items()}
+    s = kv_summary(sched.token_to_kv_pool_allocator.get_kvcache())
+    for k, v in (("bytes_per_token", s["bytes_per_token"]), ("capacity_tokens", sched.max_total_num_tokens),
+                 ("compression_ratio", s["compression"])):
+        _gauges[k].labels(**collector.labels).set(v)
 
 
 def tree_check(sched) -> dict:
@@ -230,28 +254,49 @@ def tree_check(sched) -> dict:
     return out
 
 
+def _synchronize(device) -> None:
+    """Wait for all device work launched so far (on a CPU every step has already finished)."""
+    import torch
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def page_digests(alloc) -> dict:
-    """sha256 of every in-use page's packed bytes over all layers (pages not on the free list)."""
+    """sha256 of every in-use page's packed bytes over all layers (pages not on the free list).
+
+    Runs on the scheduler thread between batches, where the allocator's free list is consistent;
+    with the overlap scheduler the batch launched last may still be writing pages on the device,
+    so this first waits for it, then copies each field's in-use pages to the host in one transfer.
+    """
     import torch
     pool = alloc.get_kvcache()
     free = set(alloc.free_pages.tolist())
     if getattr(alloc, "release_pages", None) is not None:  # pages staged for sorted release
         free |= set(alloc.release_pages.tolist())
-    out = {}
-    for page in range(1, pool.num_pages):
-        if page in free:
-            continue
-        h = hashlib.sha256()
-        for layer in pool.pages:
-            for f in sorted(layer):
-                h.update(layer[f][page].cpu().contiguous().view(torch.uint8).numpy().tobytes())
-        out[str(page)] = h.hexdigest()[:16]
-    return out
+    used = [p for p in range(1, pool.num_pages) if p not in free]
+    if not used:
+        return {}
+    _synchronize(pool.device)
+    hashes = [hashlib.sha256() for _ in used]
+    for layer in pool.pages:
+        index = torch.tensor(used, device=layer["k_codes"].device)
+        for f in sorted(layer):
+            host = layer[f].index_select(0, index).cpu()
+            rows = host.view(torch.uint8).reshape(len(used), -1).numpy()
+            for h, row in zip(hashes, rows):
+                h.update(row.tobytes())
+    return {str(p): h.hexdigest()[:16] for p, h in zip(used, hashes)}
 
 
 # ---- verification (called where failing stops the launch: the backend factory) -----------------
 def verify_hooks(runner) -> None:
     import pkgutil
+
+    from .pool import OscarKVPool
+    pool = runner.token_to_kv_pool
+    if not isinstance(pool, OscarKVPool):
+        raise RuntimeError(f"the oscar backend needs the OScaR KV pool, got {type(pool).__name__} "
+                           "(the plugin's pool hook did not take effect)")
     missing = []
     for target in SCHEDULER_HOOKS:
         mod, attr = target.rsplit(".", 1)

@@ -62,13 +62,16 @@ class OscarKVPool(MHATokenToKVPool):
         self.k_buffer = [p["k_codes"] for p in self.pages]
         self.v_buffer = [p["v_codes"] for p in self.pages]
         self._kv_buffer_descs = []
-        logger.info(
-            "OScaR pool %s: %d pages x %d tokens, %.1f bytes/token/layer packed (bf16: %d), "
-            "residual %d rows", self.oscar.fingerprint(), self.num_pages, P,
-            layout.bytes_per_token(H, D, self.oscar.bits), H * D * 2 * self.store_dtype.itemsize, R)
 
     def _init_data_ptrs_and_strides(self):
         pass
+
+    def _finalize_allocation_log(self, num_tokens: int):
+        # SGLang's own line would call the packed pages "dtype bfloat16" K/V: state what is held.
+        from .report import GIB, kv_cache_line, kv_summary
+        s = kv_summary(self)
+        self.mem_usage = s["total_bytes"] / GIB
+        logger.info(kv_cache_line(s))
 
     def get_kv_size_bytes(self):
         def nbytes(ts):

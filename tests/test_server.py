@@ -25,7 +25,7 @@ def oscar(tmp_path_factory):
     # No --model-path: the embedded default model.
     log = tmp_path_factory.mktemp("logs") / "oscar.log"
     # Small prefill chunks: later chunks of a long prompt attend to pages packed by earlier ones.
-    with Server([*BUDGET, "--enable-cache-report", "--max-running-requests", "16",
+    with Server([*BUDGET, "--enable-cache-report", "--enable-metrics", "--max-running-requests", "16",
                  "--chunked-prefill-size", str(2 * PAGE)],
                 env={DEBUG_ENV: "1"}, log_path=log) as s:
         yield s
@@ -49,6 +49,77 @@ def test_default_launch_answers_paris(oscar):
     info = oscar.info()
     assert "SmolLM2-135M-Instruct" in info["model_path"]
     assert info["attention_backend"] == "oscar" and info["page_size"] == PAGE
+
+
+@pytest.mark.parametrize("kind", ["oscar", "bf16"])
+def test_model_is_served_under_its_own_name(kind, request):
+    server = request.getfixturevalue(kind)
+    models = requests.get(server.url + "/v1/models", timeout=60).json()["data"]
+    assert [m["id"] for m in models] == ["SmolLM2-135M-Instruct"]
+    r = requests.post(server.url + "/v1/chat/completions", timeout=600, json={
+        "model": "SmolLM2-135M-Instruct", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2})
+    assert r.status_code == 200 and r.json()["model"] == "SmolLM2-135M-Instruct"
+
+
+@pytest.mark.parametrize("kind", ["oscar", "bf16"])
+def test_start_up_log_has_no_traceback(kind, request):
+    server = request.getfixturevalue(kind)
+    server.chat([{"role": "user", "content": "Hi"}], max_tokens=1)  # the server is up: start-up is over
+    log = open(server.log_path).read()
+    assert "Traceback" not in log and "freeze_gc failed" not in log
+    assert "The server is fired up and ready to roll!" in log
+
+
+def _model_shape(server):
+    c = json.load(open(server.info()["model_path"] + "/config.json"))
+    return c["num_key_value_heads"], c["hidden_size"] // c["num_attention_heads"], c["num_hidden_layers"]
+
+
+def _packed_bytes_per_token(heads, head_dim, layers, bits=2, group=32):
+    """INT2 K and V codes, fp16 scale + zero per K channel per 32 tokens and per 32 V channels of a
+    token, and one fp32 norm per token and layer."""
+    k = head_dim * bits / 8 + head_dim * 2 * 2 / group
+    v = head_dim * bits / 8 + head_dim / group * 2 * 2
+    return (heads * (k + v) + 4) * layers
+
+
+def test_kv_cache_line_states_the_packed_pool(oscar):
+    import re
+    log = open(oscar.log_path).read()
+    assert "KV Cache is allocated" not in log  # SGLang's line would call the packed pages bf16 K/V
+    lines = [ln for ln in log.splitlines() if "OScaR KV cache" in ln]
+    assert len(lines) == 1, lines
+    m = re.search(r"(\d+) tokens in (\d+) packed pages of (\d+), ([\d.]+) bytes/token over (\d+) layers "
+                  r"\(bf16: (\d+), ([\d.]+)x\); .* raw residual .* \((\d+) request rows\) .* \((\d+) bytes\)",
+                  lines[0])
+    assert m, lines[0]
+    tokens, pages, page, bpt, layers, bf16, ratio, rows, total = m.groups()
+    heads, head_dim, n_layers = _model_shape(oscar)
+    want_bpt = _packed_bytes_per_token(heads, head_dim, n_layers)
+    assert int(tokens) == oscar.info()["max_total_num_tokens"] and int(page) == PAGE
+    assert float(bpt) == want_bpt and int(layers) == n_layers
+    assert int(bf16) == heads * head_dim * 2 * 2 * n_layers and float(ratio) == round(int(bf16) / want_bpt, 2)
+    assert int(pages) * PAGE >= int(tokens)
+    residual = int(rows) * PAGE * heads * head_dim * 2 * 2 * n_layers  # raw bf16 K and V
+    assert int(total) == int(pages) * PAGE * want_bpt + residual
+    state = oscar.oscar_state()
+    assert state["total_bytes"] == int(total) and state["bytes_per_token"] == want_bpt
+
+
+def test_prometheus_exports_the_pool(oscar):
+    text = requests.get(oscar.url + "/metrics", timeout=60).text
+    values = {}
+    for ln in text.splitlines():
+        if ln.startswith("sglang:oscar_kv_"):
+            name, value = ln.split("{")[0], float(ln.rsplit(" ", 1)[1])
+            values[name] = value
+            assert 'model_name="SmolLM2-135M-Instruct"' in ln
+    heads, head_dim, n_layers = _model_shape(oscar)
+    want_bpt = _packed_bytes_per_token(heads, head_dim, n_layers)
+    assert values == pytest.approx({
+        "sglang:oscar_kv_bytes_per_token": want_bpt,
+        "sglang:oscar_kv_capacity_tokens": oscar.info()["max_total_num_tokens"],
+        "sglang:oscar_kv_compression_ratio": heads * head_dim * 2 * 2 * n_layers / want_bpt}), text[:2000]
 
 
 def test_config_fingerprint_reported(oscar):
