@@ -123,11 +123,65 @@ int64_t blocks_per_sm(int64_t head_dim, int64_t bits, bool bf16) {
   return oscar::decode_blocks_per_sm(head_dim, bits, bf16);
 }
 
+// Extend (prefill) attention over packed pages + the step's raw tokens (csrc/extend.cu).
+void extend(torch::Tensor q, torch::Tensor kc, torch::Tensor ks, torch::Tensor kz, torch::Tensor vc, torch::Tensor vs,
+            torch::Tensor vz, torch::Tensor kn, torch::Tensor req_to_token, torch::Tensor raw_k, torch::Tensor raw_v,
+            torch::Tensor req_info, torch::Tensor blk_start, torch::Tensor out, torch::Tensor lse, int64_t num_blocks,
+            int64_t rows, int64_t tok_per_blk, double sm_scale, int64_t bits, bool rotate, bool chunk) {
+  const bool bf16 = model_dtype(q);
+  CHECK_T(q, q.scalar_type()); CHECK_T(out, q.scalar_type());
+  CHECK_T(raw_k, q.scalar_type()); CHECK_T(raw_v, q.scalar_type());
+  TORCH_CHECK(q.dim() == 3 && out.sizes() == q.sizes(), "q and out must be [T, Hq, D]");
+  TORCH_CHECK(raw_k.dim() == 3 && raw_v.sizes() == raw_k.sizes(), "raw_k/raw_v must be [N, H, D]");
+  const int Hq = q.size(1), D = q.size(2), H = kc.size(1), P = kn.size(1);
+  TORCH_CHECK(raw_k.size(1) == H && raw_k.size(2) == D, "raw_k must be [N, H, D] with the pool's H and q's D");
+  TORCH_CHECK(P == 32 || P == 64 || P == 128, "page size must be 32, 64 or 128");
+  TORCH_CHECK(D == 64 || D == 128, "head_dim must be 64 or 128");
+  TORCH_CHECK(bits == 2 || bits == 4, "bits must be 2 or 4");
+  TORCH_CHECK(rows == 64 || rows == 128, "rows must be 64 or 128");
+  TORCH_CHECK(Hq % H == 0 && Hq / H <= rows, "query heads must be a multiple of KV heads, at most rows per KV head");
+  TORCH_CHECK(tok_per_blk == rows / (Hq / H), "tok_per_blk must be rows / (Hq / H)");
+  check_pool(kc, ks, kz, vc, vs, vz, kn, H, P, D, bits);
+  TORCH_CHECK(req_to_token.is_cuda() && req_to_token.scalar_type() == torch::kInt32 && req_to_token.dim() == 2 &&
+                  req_to_token.stride(1) == 1,
+              "req_to_token must be a CUDA int32 [rows, slots] tensor with unit column stride");
+  CHECK_T(req_info, torch::kInt32); CHECK_T(blk_start, torch::kInt32);
+  TORCH_CHECK(req_info.dim() == 2 && req_info.size(1) == 8, "req_info must be [B, 8]");
+  const int B = req_info.size(0);
+  TORCH_CHECK(blk_start.numel() == B + 1, "blk_start must hold B + 1 entries");
+  const bool want_lse = lse.numel() > 0;
+  if (want_lse) {
+    CHECK_T(lse, torch::kFloat32);
+    TORCH_CHECK(lse.numel() >= q.size(0) * Hq, "lse must hold [T, Hq] floats");
+  }
+  const c10::cuda::CUDAGuard guard(q.device());
+  oscar::ExtendParams p;
+  p.q = q.data_ptr();
+  p.k_codes = kc.data_ptr<int32_t>();
+  p.k_scale = reinterpret_cast<const __half*>(ks.data_ptr<at::Half>());
+  p.k_zero = reinterpret_cast<const __half*>(kz.data_ptr<at::Half>());
+  p.v_codes = vc.data_ptr<int32_t>();
+  p.v_scale = reinterpret_cast<const __half*>(vs.data_ptr<at::Half>());
+  p.v_zero = reinterpret_cast<const __half*>(vz.data_ptr<at::Half>());
+  p.k_norm = kn.data_ptr<float>();
+  p.req_to_token = req_to_token.data_ptr<int32_t>();
+  p.req_to_token_stride = req_to_token.stride(0);
+  p.raw_k = raw_k.data_ptr(); p.raw_v = raw_v.data_ptr();
+  p.req_info = req_info.data_ptr<int32_t>(); p.blk_start = blk_start.data_ptr<int32_t>();
+  p.out = out.data_ptr();
+  p.lse = want_lse ? lse.data_ptr<float>() : nullptr;
+  p.B = B; p.Hq = Hq; p.H = H; p.P = P; p.num_blocks = num_blocks; p.tok_per_blk = tok_per_blk; p.rows = rows;
+  p.sm_scale = float(sm_scale); p.rotate = rotate; p.chunk = chunk;
+  oscar::launch_extend(p, D, bits, bf16, c10::cuda::getCurrentCUDAStream().stream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "OScaR packed KV-cache kernels: fused store and paged split-KV decode attention";
   m.def("store", &store, "pack full pages into the pool (in place)");
   m.def("decode", &decode, "paged split-KV decode attention over packed pages + residual");
+  m.def("extend", &extend, "extend (prefill) attention over packed pages + the step's raw tokens");
   m.def("blocks_per_sm", &blocks_per_sm, "resident decode CTAs per SM for a (head_dim, bits, dtype)");
 }

@@ -50,8 +50,33 @@ struct DecodeParams {
 
 enum ItemFlags { kItemResidual = 1, kItemSole = 2 };
 
+struct ExtendParams {
+  const void* q;                // [T, Hq, D] raw queries of the step's new tokens
+  const int32_t* k_codes;
+  const __half* k_scale;
+  const __half* k_zero;
+  const int32_t* v_codes;
+  const __half* v_scale;
+  const __half* v_zero;
+  const float* k_norm;
+  const int32_t* req_to_token;  // [rows, stride]: page j of a request is req_to_token[row, j*P] / P
+  int64_t req_to_token_stride;
+  const void* raw_k;            // [N, H, D] the step's raw tokens (each request's residual, then its new ones)
+  const void* raw_v;
+  const int32_t* req_info;      // [B, 8]: q_start, ext, prefix, raw_off, row, 0, 0, 0
+  const int32_t* blk_start;     // [B + 1]: the query blocks of request b are blk_start[b] ..
+  void* out;                    // [T, Hq, D] model dtype
+  float* lse;                   // [T, Hq] log2-sum-exp, or null
+  int B, Hq, H, P, num_blocks, tok_per_blk;
+  int rows;                     // MMA rows per CTA (64 or 128): tok_per_blk = rows / (Hq / H)
+  float sm_scale;
+  int rotate;
+  int chunk;                    // 1: chunk prefill (only the cached prefix's pages packed)
+};
+
 void launch_store(const StoreParams& p, int head_dim, int bits, bool bf16, cudaStream_t stream);
 void launch_decode(const DecodeParams& p, int head_dim, int bits, bool bf16, cudaStream_t stream);
 int decode_blocks_per_sm(int head_dim, int bits, bool bf16);
+void launch_extend(const ExtendParams& p, int head_dim, int bits, bool bf16, cudaStream_t stream);
 
 }  // namespace oscar

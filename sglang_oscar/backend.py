@@ -13,13 +13,13 @@ On CUDA, batches run the fused kernels through wrapper.DecodeWrapper instead (sa
 batched): plan() once per batch from host-side lengths, then per layer
   - decode: one index_put of the new token into its residual row, one store launch for the pages
     this token completes, one decode launch;
-  - extend (prefill, chunked and mixed batches): the step's raw K/V and the requests' residuals are
-    laid out as raw pages in a scratch buffer, the pages they complete are packed in one store launch,
-    and every query token runs as its own decode query over its earlier packed pages plus its own raw
-    page, which is exactly what page-consistent prefill means (so no separate kernel is needed).
-    With OScaR's chunk prefill (only the cached prefix packed) each token instead runs as a decode
-    query over its prefix's pages alone (returning lse), the raw rest runs through a ragged causal
-    bf16 prefill, and the two partial states merge (chunk.py).
+  - extend (prefill, chunked and mixed batches; plan built on the device, extend.py): the step's raw
+    K/V and the requests' residuals go to a flat scratch, the pages they complete are packed in one
+    store launch, the new partial pages go to the residual rows, then one extend kernel
+    (csrc/extend.cu) runs every query: a block of tokens x the GQA group per CTA, each packed tile
+    dequantized once into shared memory for the whole block, tensor-core MMA, the raw keys causal.
+    Page prefill: a query sees its earlier pages packed and its own page raw; chunk prefill: only
+    the cached prefix's whole pages packed, the rest raw (the same kernel, another boundary).
 The CPU runs the batched torch path (batched.py: one plan per batch, per layer one store and one
 dequantization of each needed page for the whole batch).
 Set SGLANG_OSCAR_DECODE=torch to force the torch path on CUDA too (e.g. to compare outputs).
@@ -69,9 +69,7 @@ class OscarAttnBackend(AttentionBackend):
         self.forward_metadata = None
         self._decode = None        # CUDA DecodeWrapper, built at the first decode layer (needs Hq/H/D/dtype)
         self._decode_batch = None  # this decode batch's device-side indices, planned lazily
-        self._extend = None        # the wrapper extend batches run through (planned per batch)
-        self._extend_batch = None  # this extend batch's device-side indices
-        self._ragged = None        # chunk prefill's in-chunk attention (chunk.RaggedPrefill)
+        self._extend_batch = None  # this extend batch's plan (extend.plan_extend)
 
     @classmethod
     def detached(cls, cfg, pool, req_to_token, device, use_kernels):
@@ -129,70 +127,12 @@ class OscarAttnBackend(AttentionBackend):
         owner[r] = gen
 
     def _prepare_extend(self, rows, prefix, ext, dev) -> dict:
-        """Device indices of one extend batch (host loops over its tokens, once per batch).
-
-        Request i's raw tokens of this step, from its page-aligned base (its residual, then the new
-        tokens), fill rows off_i.. of a scratch buffer of raw pages [n_rows, P, H, D]. Its full
-        rows are the pages this step completes; its partial last row becomes its new residual. The
-        query at position p is a decode query with p // P packed pages and scratch row
-        off_i + (p - base) // P holding its own page's first p % P + 1 tokens.
-        Chunk prefill: the query is a decode query over its prefix's pre // P pages alone (no raw
-        page; skipped when there are none), and its raw keys base .. seq-1 are scratch rows
-        off_i*P .. for the ragged prefill.
-        """
-        chunk = self.cfg.prefill == "chunk"
-        P = self.cfg.page_size
-        dst_new, res_row, res_slot, res_dst = [], [], [], []
-        store_tmp, store_row, store_col, tail_tmp, tail_row = [], [], [], [], []
-        q_req, q_pages, q_res_row, q_res_len = [], [], [], []
-        sel, kv_idx, kv_lens = [], [], []   # chunk: tokens with prefix pages; raw keys per request
-        off = tok = 0
-        for i, (row, pre, e) in enumerate(zip(rows, prefix, ext)):
-            seq, base = pre + e, pre // P * P
-            first, full, r = pre // P, seq // P, pre - base
-            res_row += [row] * r
-            res_slot += range(r)
-            res_dst += range(off * P, off * P + r)
-            dst_new += range(off * P + r, off * P + r + e)
-            store_tmp += range(off, off + full - first)
-            store_row += [row] * (full - first)
-            store_col += [j * P for j in range(first, full)]
-            if seq > full * P:
-                tail_tmp.append(off + full - first)
-                tail_row.append(row)
-            if chunk:
-                kv_idx += range(off * P, off * P + seq - base)
-                kv_lens.append(seq - base)
-                if first:
-                    sel += range(tok, tok + e)
-                    q_req += [i] * e
-                    q_pages += [first] * e
-                    q_res_row += [0] * e
-                    q_res_len += [0] * e
-            else:
-                q_req += [i] * e
-                for p in range(pre, seq):
-                    q_pages.append(p // P)
-                    q_res_row.append(off + (p - base) // P)
-                    q_res_len.append(p % P + 1)
-            off += -(-(seq - base) // P)
-            tok += e
-
-        def t(x, dtype=torch.int64):
-            return torch.tensor(x, dtype=dtype).to(dev, non_blocking=True)
-
-        req_to_token = self.req_to_token_pool.req_to_token
-        req_table = self._page_table(t(rows), max(q_pages, default=0))
-        store = None
-        if store_tmp:
-            store = (t(store_tmp), (req_to_token[t(store_row), t(store_col)] // P).to(torch.int64))
-        return dict(n_rows=off, dst_new=t(dst_new),
-                    res=(t(res_row), t(res_slot), t(res_dst)) if res_dst else None,
-                    store=store, tail=(t(tail_tmp), t(tail_row)) if tail_tmp else None,
-                    page_table=req_table[t(q_req)], num_pages_cpu=q_pages,
-                    res_rows=t(q_res_row), res_len=t(q_res_len, torch.int32), planned=False,
-                    chunk=dict(sel=t(sel) if sel else None, kv_idx=t(kv_idx), qo_lens=list(ext),
-                               kv_lens=kv_lens, scale=None) if chunk else None)
+        """Device indices of one extend batch (extend.plan_extend: torch ops over [B] tensors, no
+        per-token host loop). The raw scratch it sizes holds the step's tokens plus each request's
+        residual, i.e. less than one page per request on top of the step's tokens."""
+        from .extend import plan_extend
+        t = torch.tensor([rows, prefix, ext], dtype=torch.int64).to(dev, non_blocking=True)
+        return plan_extend(t[0], t[1], t[2], prefix, ext, self.cfg.page_size, self.req_to_token_pool.req_to_token)
 
     def _page_table(self, rows, n_pages: int):
         """int32 [len(rows), max(1, n_pages)] pool page ids of each request row, in one gather: page j is
@@ -279,54 +219,23 @@ class OscarAttnBackend(AttentionBackend):
         return w
 
     def _forward_extend_kernels(self, q, k, v, layer):
+        """Both prefill modes: the step's raw tokens into the scratch, the pages it completes packed
+        (before any query reads them), the new partial pages to the residual rows, then one extend
+        kernel (extend.py / csrc/extend.cu) for every query of the batch."""
+        from .extend import fill_scratch, run_extend
         Hq, H, D, P = layer.tp_q_head_num, layer.tp_k_head_num, layer.qk_head_dim, self.cfg.page_size
-        q = q.reshape(-1, Hq, D)
         b = self._extend_batch
         pages, res_k, res_v = self.token_to_kv_pool.layer(layer.layer_id)
-        scratch = []
-        for new, res in ((k, res_k), (v, res_v)):
-            # zeros: the kernel reads whole raw pages and masks past res_len (no NaN garbage there)
-            raw = res.new_zeros((b["n_rows"], P, H, D))
-            flat = raw.view(-1, H, D)
-            flat[b["dst_new"]] = new.reshape(-1, H, D).to(res.dtype)
-            if b["res"] is not None:
-                r_row, r_slot, r_dst = b["res"]
-                flat[r_dst] = res[r_row, r_slot]
-            scratch.append(raw)
-        raw_k, raw_v = scratch
-        if b["store"] is not None:  # pages this step completes: packed before any query reads them
-            tmp, page_ids = b["store"]
-            store(raw_k[tmp], raw_v[tmp], page_ids, pages, self.cfg)
-        if b["tail"] is not None:   # the new partial pages become the residual rows
-            tmp, rows = b["tail"]
-            res_k[rows] = raw_k[tmp]
-            res_v[rows] = raw_v[tmp]
-        if b["chunk"] is not None:
-            return self._chunk_attention(q, raw_k, raw_v, pages, layer, b).reshape(-1, Hq * D)
-        self._extend = self._planned(self._extend, b, b["res_rows"], Hq, H, D, q)
-        out = self._extend.run(q, pages, raw_k, raw_v, sm_scale=layer.scaling)
-        return out.reshape(-1, Hq * D)
-
-    def _chunk_attention(self, q, raw_k, raw_v, pages, layer, b):
-        """Chunk prefill: raw keys through the ragged prefill, prefix pages through the decode kernel
-        (tokens whose request has packed prefix pages), merged by lse."""
-        from .chunk import RaggedPrefill, merge
-        Hq, H, D = q.shape[1], raw_k.shape[2], q.shape[2]
-        c = b["chunk"]
-        r = self._ragged
-        if r is None or (r.Hq, r.H, r.D, r.dtype) != (Hq, H, D, q.dtype):
-            r = self._ragged = RaggedPrefill(Hq, H, D, q.dtype, q.device)
-            c["scale"] = None
-        if c["scale"] != layer.scaling:  # once per batch (every layer shares the scale)
-            r.plan(c["qo_lens"], c["kv_lens"], layer.scaling)
-            c["scale"] = layer.scaling
-        out, lse = r.run(q, raw_k.view(-1, H, D)[c["kv_idx"]], raw_v.view(-1, H, D)[c["kv_idx"]])
-        if c["sel"] is not None:
-            self._extend = self._planned(self._extend, b, b["res_rows"], Hq, H, D, q)
-            sel = c["sel"]
-            o_p, lse_p = self._extend.run(q[sel], pages, raw_k, raw_v, sm_scale=layer.scaling, return_lse=True)
-            out[sel] = merge(o_p, lse_p, out[sel], lse[sel], use_flashinfer=r.use_flashinfer)
-        return out
+        raw_k, raw_v = fill_scratch(k, v, res_k, res_v, b)
+        if b["store"] is not None:
+            idx, page_ids = b["store"]
+            n = page_ids.shape[0]
+            store(raw_k[idx].view(n, P, H, D), raw_v[idx].view(n, P, H, D), page_ids, pages, self.cfg)
+        if b["tail"] is not None:
+            src, rows, slots = b["tail"]
+            res_k[rows, slots] = raw_k[src]
+            res_v[rows, slots] = raw_v[src]
+        return run_extend(q.reshape(-1, Hq, D), pages, raw_k, raw_v, b, self.cfg, layer.scaling).reshape(-1, Hq * D)
 
     def _forward_requests(self, q, k, v, layer):
         """The torch path: the whole batch at once (batched.py), planned at the batch's first layer."""

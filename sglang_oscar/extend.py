@@ -1,0 +1,185 @@
+"""Extend (prefill) attention over the packed pool: the plan of one batch, the CUDA kernel, its torch twin.
+
+One step of a request (prefix cached tokens, ext new ones, base = prefix // P * P) lays its raw tokens
+out in a flat scratch [N, H, D]: its residual (positions base .. prefix-1), then its new tokens, from
+row raw_off. So the scratch holds the step's tokens plus less than one page per request. Of these, the
+pages the step completes are packed into the pool (before any query reads them) and the new partial
+page goes back to the request's residual row. A query at position p then sees keys [0, qb) through
+their packed pages and keys [qb, p] raw from the scratch, with qb = (p // P) * P (page prefill) or
+(prefix // P) * P (chunk prefill): csrc/extend.cu, one kernel for both modes.
+
+    plan = plan_extend(rows, prefix, ext, prefix_cpu, ext_cpu, P, req_to_token)   # once per batch
+    out = run_extend(q, layer_pool, raw_k, raw_v, plan, cfg, sm_scale)            # per layer
+    out, lse = run_extend(..., return_lse=True)                                   # lse base 2
+
+The plan is built on the device from SGLang's tensors (no per-token host loops, no page table: the
+kernel looks pages up in req_to_token as req_to_token[row, j*P] // P); `plan_reference` is the
+plain-loop spec it is tested against, and `extend_reference` the kernel's torch twin.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import ops
+from .config import OscarConfig
+from .layout import FIELDS
+from .reference import attend, boundaries
+from .wrapper import _aligned
+
+ROWS = (128, 64)   # the kernel's MMA rows per CTA: (token, query head) pairs of one KV head
+WAVE_CTAS = 2      # 128-row CTAs (one per SM) only when they fill at least this many waves
+
+
+def _segments(lens: torch.Tensor, total: int):
+    """(segment id, offset in segment) of each of the `total` = sum(lens) elements, on lens' device."""
+    dev = lens.device
+    seg = torch.repeat_interleave(torch.arange(lens.numel(), device=dev), lens, output_size=total)
+    starts = torch.cumsum(lens, 0) - lens
+    return seg, torch.arange(total, device=dev) - starts[seg]
+
+
+def plan_extend(rows, prefix, ext, prefix_cpu, ext_cpu, P: int, req_to_token) -> dict:
+    """Device indices of one extend batch. rows/prefix/ext: [B] tensors on the batch's device;
+    prefix_cpu/ext_cpu: the same as host lists (their sums size the index tensors without a sync)."""
+    dev = req_to_token.device
+    rows, prefix, ext = (torch.as_tensor(x, device=dev).to(torch.int64) for x in (rows, prefix, ext))
+    seq = prefix + ext
+    base = prefix // P * P
+    r = prefix - base                       # residual tokens the step re-reads
+    first, full = prefix // P, seq // P     # pages [first, full) are completed by this step
+    n_raw = r + ext
+    raw_off = torch.cumsum(n_raw, 0) - n_raw
+    seq_cpu = [a + b for a, b in zip(prefix_cpu, ext_cpu)]
+    T = sum(ext_cpu)
+    R = sum(a % P for a in prefix_cpu)
+    N = sum(s // P - a // P for s, a in zip(seq_cpu, prefix_cpu))
+    L = sum(s % P for s in seq_cpu)
+
+    seg, off = _segments(ext, T)
+    dst_new = raw_off[seg] + r[seg] + off
+    res = None
+    if R:
+        seg, off = _segments(r, R)
+        res = (rows[seg], off, raw_off[seg] + off)           # residual row, slot -> scratch index
+    store = None
+    if N:
+        seg, off = _segments(full - first, N)
+        page_ids = (req_to_token[rows[seg], (first[seg] + off) * P] // P).to(torch.int64)
+        start = raw_off[seg] + off * P
+        store = ((start[:, None] + torch.arange(P, device=dev)).flatten(), page_ids)
+    tail = None
+    if L:
+        seg, off = _segments(seq - full * P, L)
+        tail = (raw_off[seg] + (full - first)[seg] * P + off, rows[seg], off)  # scratch -> residual row, slot
+    q_start = torch.cumsum(ext, 0) - ext
+    zero = torch.zeros_like(rows)
+    info = torch.stack([q_start, ext, prefix, raw_off, rows, zero, zero, zero], 1).to(torch.int32)
+    return dict(n_raw=R + T, dst_new=dst_new, res=res, store=store, tail=tail, info=info, ext=ext,
+                ext_cpu=list(ext_cpu), prefix_cpu=list(prefix_cpu), rows=rows, P=P, req_to_token=req_to_token,
+                blocks={})
+
+
+def plan_reference(rows, prefix_cpu, ext_cpu, P: int, req_to_token) -> dict:
+    """The spec of plan_extend's index tensors, by plain loops over requests and tokens."""
+    dst_new, res, store_idx, page_ids, tail, info = [], [], [], [], [], []
+    off = q = 0
+    for row, pre, e in zip(rows, prefix_cpu, ext_cpu):
+        seq, base = pre + e, pre // P * P
+        info.append([q, e, pre, off, row, 0, 0, 0])
+        res += [(row, j, off + j) for j in range(pre - base)]
+        dst_new += [off + pre - base + t for t in range(e)]
+        for pg in range(pre // P, seq // P):
+            store_idx += range(off + (pg - pre // P) * P, off + (pg - pre // P + 1) * P)
+            page_ids.append(int(req_to_token[row, pg * P]) // P)
+        tail += [(off + (seq // P - pre // P) * P + j, row, j) for j in range(seq % P)]
+        off += seq - base
+        q += e
+    return dict(n_raw=off, dst_new=dst_new, res=res, store=(store_idx, page_ids), tail=tail, info=info)
+
+
+def fill_scratch(k, v, res_k, res_v, plan):
+    """The step's raw scratch [n_raw, H, D] (res dtype): residual tokens, then new ones, per request."""
+    H, D = res_k.shape[2], res_k.shape[3]
+    out = []
+    for new, res in ((k, res_k), (v, res_v)):
+        raw = res.new_empty((plan["n_raw"], H, D))
+        raw[plan["dst_new"]] = new.reshape(-1, H, D).to(res.dtype)
+        if plan["res"] is not None:
+            row, slot, dst = plan["res"]
+            raw[dst] = res[row, slot]
+        out.append(raw)
+    return out
+
+
+_SMS = {}
+
+
+def _blocks(plan, g: int, H: int):
+    """Query blocks of the plan for g query heads per KV head: (rows, tokens per block, blk_start, count).
+    128 rows per CTA halve the dequantization per query, 64 fill the GPU when the batch is small."""
+    if g not in plan["blocks"]:
+        dev = plan["ext"].device
+        if dev not in _SMS:
+            _SMS[dev] = torch.cuda.get_device_properties(dev).multi_processor_count
+        for rows in ROWS:
+            tb = rows // g
+            count = sum(-(-e // tb) for e in plan["ext_cpu"])
+            if tb and count * H >= WAVE_CTAS * _SMS[dev]:
+                break
+        nb = (plan["ext"] + tb - 1) // tb
+        start = torch.cat([nb.new_zeros(1), torch.cumsum(nb, 0)]).to(torch.int32)
+        plan["blocks"][g] = (rows, tb, start, count)
+    return plan["blocks"][g]
+
+
+def kernel_usable(q) -> bool:
+    return q.is_cuda and ops.available()
+
+
+def run_extend(q, layer_pool: dict, raw_k, raw_v, plan, cfg: OscarConfig, sm_scale=None, return_lse=False, out=None,
+               lse=None):
+    """Attention of the step's queries q [T, Hq, D] (raw, model dtype) -> out [T, Hq, D] (+ lse [T, Hq],
+    base 2). The pages the step completes must already be packed. out / lse: optional destinations."""
+    Hq, D = q.shape[1], q.shape[2]
+    H = raw_k.shape[1]
+    if Hq % H or Hq // H > min(ROWS):
+        raise ValueError(f"query heads ({Hq}) must be a multiple of KV heads ({H}), at most {min(ROWS)} per KV head")
+    scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(D)
+    if not kernel_usable(q):
+        return extend_reference(q, layer_pool, raw_k, raw_v, plan, cfg, scale, return_lse)
+    rows, tb, blk_start, n_blocks = _blocks(plan, Hq // H, H)
+    out = torch.empty_like(q) if out is None else out
+    if lse is None:
+        lse = q.new_empty((q.shape[0], Hq) if return_lse else 0, dtype=torch.float32)
+    ops.load().extend(_aligned(q), *[layer_pool[f] for f in FIELDS], plan["req_to_token"], raw_k, raw_v,
+                      plan["info"], blk_start, out, lse, n_blocks, rows, tb, float(scale), cfg.bits, cfg.rotate,
+                      cfg.prefill == "chunk")
+    return (out, lse) if return_lse else out
+
+
+def extend_reference(q, layer_pool: dict, raw_k, raw_v, plan, cfg: OscarConfig, sm_scale, return_lse=False):
+    """Torch twin of the kernel: reference.attend per request over its packed pages and scratch tokens."""
+    P = plan["P"]
+    out = torch.empty_like(q)
+    lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device)
+    info = plan["info"].tolist()
+    for q0, e, pre, off, row, *_ in info:
+        if not e:
+            continue
+        base = pre // P * P
+        q_pos = torch.arange(pre, pre + e, device=q.device)
+        qb = boundaries(q_pos, pre, cfg)
+        need = int(qb.max()) // P
+        pages = None
+        if need:
+            cols = torch.arange(need, device=plan["req_to_token"].device) * P
+            ids = (plan["req_to_token"][row, cols] // P).long().to(layer_pool["k_norm"].device)
+            pages = {f: layer_pool[f][ids] for f in FIELDS}
+        n = pre - base + e
+        o, l = attend(q[q0:q0 + e], q_pos, qb, pages, raw_k[off:off + n], raw_v[off:off + n], base, cfg, sm_scale,
+                      return_lse=True)
+        out[q0:q0 + e] = o.to(q.dtype)
+        lse[q0:q0 + e] = l / math.log(2)
+    return (out, lse) if return_lse else out
