@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .config import OscarConfig
+from .config import K_GROUP, V_GROUP, OscarConfig
 from .layout import FIELDS
-from .quant import load_pages, rotate_queries
+from .quant import rotate_queries
 
 QUERY_ROW = 64            # query tokens of one request per row
 SCRATCH_ELEMS = 1 << 22   # fp32 elements of one block's logits or of its dequantized K (about 16 MB)
@@ -33,7 +33,7 @@ class KeyBlock:
     n: int                      # columns (pages) in this block
     sub: object                 # query rows involved: a slice (all) or an int64 index
     table: torch.Tensor         # packed: [n_uniq] pool page ids; raw: [n_sub, n] raw page index
-    inverse: torch.Tensor | None = None  # packed: [n_sub, n] index into the dequantized pages (+ a zero page)
+    inverse: torch.Tensor | None = None  # packed: [n_sub, n] index into the dequantized pages (None: in order)
 
 
 @dataclass
@@ -52,6 +52,29 @@ class Plan:
     raw_base: torch.Tensor      # [R] position of the first raw key of each row's request
     out_idx: torch.Tensor       # [T] row slot of each query
     blocks: list = field(default_factory=list)
+
+
+def _unpack(words: torch.Tensor, bits: int) -> torch.Tensor:
+    """layout.unpack_codes through bytes: the same codes with 1-byte intermediates (4x less memory
+    traffic than shifting int32 words; this runs on every needed page of every layer and step)."""
+    per = 8 // bits
+    b = words.contiguous().view(torch.uint8)                         # little-endian: code i in byte i // per
+    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=words.device)
+    return ((b.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)).flatten(-2)
+
+
+def _load_pages(pages: dict, bits: int):
+    """quant.load_pages (same arithmetic, so the same floats), V left in its stored [N, H, P, D] order."""
+    kc = _unpack(pages["k_codes"], bits)                              # [N, H, G, D * bits * 32 / 8 ...]
+    N, H, G, D, _ = pages["k_codes"].shape
+    kc = kc.view(N, H, G, D, K_GROUP)
+    k = kc.float() * pages["k_scale"].float().unsqueeze(-1) + pages["k_zero"].float().unsqueeze(-1)
+    k = k.permute(0, 2, 4, 1, 3).reshape(N, G * K_GROUP, H, D)
+    vc = _unpack(pages["v_codes"], bits)                              # [N, H, P, D]
+    P = vc.shape[2]
+    vc = vc.view(N, H, P, D // V_GROUP, V_GROUP)
+    v = vc.float() * pages["v_scale"].float().unsqueeze(-1) + pages["v_zero"].float().unsqueeze(-1)
+    return k, pages["k_norm"].float(), v.view(N, H, P, D)
 
 
 def _ceil_div(a, b):
@@ -139,9 +162,11 @@ def plan(rows, prefix, ext, cfg: OscarConfig, req_to_token: torch.Tensor, Hq: in
             t = req_table[r_req[sel]][:, c0:c0 + n]
             t = torch.where(c[None, :] < need[sel][:, None], t, torch.full_like(t, -1))
             uniq, inv = torch.unique(t, return_inverse=True)
-            if int(uniq[0]) == -1:   # padding -> the zero page appended after the real ones
-                uniq, inv = uniq[1:], torch.where(inv == 0, uniq.numel() - 1, inv - 1)
-            p.blocks.append(KeyBlock(True, c0, n, sub, uniq.to(dev), inv.to(dev)))
+            if int(uniq[0]) == -1:   # padding columns read any real page: their keys are masked
+                uniq, inv = uniq[1:], (inv - 1).clamp(min=0)
+            if inv.numel() == uniq.numel() and torch.equal(inv.flatten(), torch.arange(inv.numel())):
+                inv = None           # already in order, nothing shared: no gather
+            p.blocks.append(KeyBlock(True, c0, n, sub, uniq.to(dev), None if inv is None else inv.to(dev)))
 
     # Raw pages: row r sees raw keys from its first query's boundary to its last query.
     first_qb = qb[:, 0]
@@ -205,13 +230,14 @@ def forward(p: Plan, q, k, v, pages, res_k, res_v, cfg: OscarConfig, sm_scale: f
         n_sub = p.q_idx[b.sub].shape[0]
         kpos = (b.c0 * P + torch.arange(b.n * P, device=q.device))
         if b.packed:
-            kq, norm, vq = load_pages({f: pages[f][b.table] for f in FIELDS}, cfg.bits)
-            kq = torch.cat([kq, kq.new_zeros((1, P, H, D))])[b.inverse].view(n_sub, b.n * P, H, D)
-            vq = torch.cat([vq, vq.new_zeros((1, P, H, D))])[b.inverse].view(n_sub, b.n * P, H, D)
-            norm = torch.cat([norm, norm.new_zeros((1, P))])[b.inverse].view(n_sub, 1, 1, 1, b.n * P)
+            kq, norm, vq = _load_pages({f: pages[f][b.table] for f in FIELDS}, cfg.bits)
+            if b.inverse is not None:
+                kq, vq, norm = kq[b.inverse], vq[b.inverse], norm[b.inverse]
+            kq = kq.reshape(n_sub, b.n * P, H, D)
+            vals = vq.reshape(n_sub, b.n, H, P, D)
+            norm = norm.view(n_sub, 1, 1, 1, b.n * P)
             s = torch.einsum("rehgd,rkhd->rehgk", qr[b.sub], kq) * (norm * sm_scale)
             vis = kpos[None, None, :] < p.q_qb[b.sub][:, :, None]
-            vals = vq
         else:
             kr = raw_k[b.table].view(n_sub, b.n * P, H, D).float()
             vals = raw_v[b.table].view(n_sub, b.n * P, H, D).float()
@@ -225,7 +251,11 @@ def forward(p: Plan, q, k, v, pages, res_k, res_v, cfg: OscarConfig, sm_scale: f
         prob = torch.exp(s - m_use[..., None])
         corr = torch.exp(m_old - m_use)
         l[b.sub] = l[b.sub] * corr + prob.sum(-1)
-        acc[b.sub] = acc[b.sub] * corr[..., None] + torch.einsum("rehgk,rkhd->rehgd", prob, vals)
+        if b.packed:
+            pv = torch.einsum("rehgnp,rnhpd->rehgd", prob.view(*prob.shape[:-1], b.n, P), vals)
+        else:
+            pv = torch.einsum("rehgk,rkhd->rehgd", prob, vals)
+        acc[b.sub] = acc[b.sub] * corr[..., None] + pv
         m[b.sub] = m_new
     out = acc / l.clamp_min(torch.finfo(torch.float32).tiny)[..., None]
     return out.view(R * E, Hq, D)[p.out_idx]

@@ -206,3 +206,14 @@ def test_partial_prefix_on_a_fresh_row_is_refused():
     extend(3, 35, 2)                    # ... and so is its continuation
     with pytest.raises(RuntimeError, match="fresh row"):
         extend(2, 10, 1)                # a row no request ever wrote
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_fast_dequantization_equals_load_pages(bits):
+    cfg = OscarConfig(method="oscar", bits=bits, page_size=64)
+    k = torch.randn(3, 64, 2, 64).to(torch.bfloat16) * 3
+    v = torch.randn(3, 64, 2, 64).to(torch.bfloat16)
+    pages = quant.store_pages(k, v, cfg)
+    ks, ns, vs = quant.load_pages(pages, bits)
+    kf, nf, vf = batched._load_pages(pages, bits)
+    assert torch.equal(kf, ks) and torch.equal(nf, ns) and torch.equal(vf.transpose(1, 2), vs)

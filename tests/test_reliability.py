@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -35,8 +36,12 @@ PARIS = [{"role": "user", "content": "What is the capital of France?"}]
 @pytest.fixture(scope="module")
 def srv(tmp_path_factory):
     log = tmp_path_factory.mktemp("logs") / "reliability.log"
+    # An optimistic admission estimate (SGLang reserves conservativeness x 0.7 x max_new_tokens per
+    # running request): prompts are admitted until the pool is full, so decode runs out of pages and
+    # SGLang must retract requests (the memory-pressure test asserts that it did).
     with Server(["--oscar-kv-budget-gb", str(BUDGET_GB), "--enable-cache-report",
-                 "--max-running-requests", str(MAX_RUNNING)], env=CHECK_ENV, log_path=log) as s:
+                 "--max-running-requests", str(MAX_RUNNING), "--schedule-conservativeness", "0.05"],
+                env=CHECK_ENV, log_path=log) as s:
         s.log = log
         yield s
 
@@ -234,9 +239,16 @@ def forced_gaps(srv, context, tokens):
     return [b - c for b, c in zip(best, chosen)]
 
 
+def retractions(srv) -> int:
+    """Requests SGLang's scheduler retracted so far (its warning line on a full KV pool)."""
+    text = open(srv.log, errors="replace").read()
+    return sum(int(m) for m in re.findall(r"KV cache pool is full\. Retract requests\. #retracted_reqs: (\d+)", text))
+
+
 def test_memory_pressure_queues_evicts_and_recomputes(srv, record_property):
-    """More long two-turn conversations at once than the pool holds: they queue or are retracted, their
-    prefixes are evicted and recomputed, and every answer is still the model's own greedy answer.
+    """More long two-turn conversations at once than the pool holds: they queue and are retracted (the
+    scheduler's log must show it), their prefixes are evicted and recomputed, and every answer is
+    still the model's own greedy answer.
 
     Exact token equality with a one-at-a-time run is reported, not asserted: bf16 matmuls on a CPU round
     differently with the batch shape, so near-ties flip and the continuation then differs (plain
@@ -267,6 +279,7 @@ def test_memory_pressure_queues_evicts_and_recomputes(srv, record_property):
                 pass
             time.sleep(0.25)
 
+    retracted_before = retractions(srv)
     poller = threading.Thread(target=poll)
     poller.start()
     try:
@@ -275,6 +288,9 @@ def test_memory_pressure_queues_evicts_and_recomputes(srv, record_property):
     finally:
         stop.set()
         poller.join()
+    retracted = retractions(srv) - retracted_before
+    record_property("pressure_retracted_requests", retracted)
+    assert retracted > 0, "the pool never ran out during decode: the retract path did not run"
     record_property("pressure_peak_used_tokens", peak["used"])
     record_property("pressure_peak_waiting", peak["waiting"])
     record_property("pressure_pool_tokens", total)
