@@ -3,7 +3,8 @@
 The build goes through torch.utils.cpp_extension.load for sm_90a (Hopper: the decode kernel uses
 bulk async copies and mbarriers). The build directory is $SGLANG_OSCAR_BUILD_DIR, else
 <user cache>/sglang_oscar/ext-<hash of sources>, so a changed source rebuilds and an unchanged one
-loads in a second. `available()` is False without a CUDA device; `load()` raises with the reason.
+loads in a second. `available()` is False without a CUDA device or on a GPU the kernels are not
+built for (shapes.KERNEL_ARCHS); `load()` raises with the reason (`unsupported_reason`).
 The sources are found beside the package in a source checkout, or under $SGLANG_OSCAR_SRC (a
 checkout's root) when the package was installed from a wheel, which carries no C++ sources.
 """
@@ -75,16 +76,42 @@ def build(verbose: bool = False):
         return _mod
 
 
-def available() -> bool:
-    """True when a CUDA device is present (the kernels may still need compiling on first use)."""
+def unsupported_reason(device=None) -> str | None:
+    """Why the kernels cannot run on `device` (default: the current CUDA device); None if they can
+    (they may still need compiling on first use)."""
     try:
         import torch
-        return torch.cuda.is_available()
     except Exception:  # noqa: BLE001 - any import problem means no kernels
-        return False
+        return "torch cannot be imported"
+    from .shapes import KERNEL_ARCHS, arch_supported
+
+    if not torch.cuda.is_available():
+        return "this machine (no CUDA device)"
+    cap = tuple(torch.cuda.get_device_capability(device))
+    if not arch_supported(cap):
+        built = ", ".join(f"sm_{a}{b}" for a, b in KERNEL_ARCHS)
+        return f"this GPU (compute capability {cap[0]}.{cap[1]}; the kernels are built for {built})"
+    return None
+
+
+def available(device=None) -> bool:
+    """True when the kernels can run on `device` (default: the current CUDA device)."""
+    return unsupported_reason(device) is None
 
 
 def load():
-    if not available():
-        raise RuntimeError("sglang_oscar CUDA kernels need a CUDA device (use the torch reference path)")
+    reason = unsupported_reason()
+    if reason:
+        raise RuntimeError(f"sglang_oscar CUDA kernels cannot run on {reason} (use the torch reference path)")
     return build()
+
+
+def torch_path_reason(cfg, head_dim: int | None = None, device=None) -> str | None:
+    """Why attention would run on the torch path on this CUDA machine (None: on the kernels, so
+    decode can run under CUDA graphs): forced by SGLANG_OSCAR_DECODE=torch, another GPU, or a shape
+    outside the kernels' matrix (head_dim None: not checked)."""
+    from .shapes import kernel_problem
+
+    if os.environ.get("SGLANG_OSCAR_DECODE", "").lower() == "torch":
+        return "SGLANG_OSCAR_DECODE=torch"
+    return unsupported_reason(device) or kernel_problem(cfg.page_size, head_dim or 128, cfg.bits)
