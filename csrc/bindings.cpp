@@ -36,6 +36,20 @@ void check_pool(const torch::Tensor& kc, const torch::Tensor& ks, const torch::T
   TORCH_CHECK(kn.sizes() == torch::IntArrayRef({n, P}), "k_norm must be [pages, P]");
 }
 
+// The pool's seven field pointers, into any kernel's params (the store's are writable, the others'
+// const: a mutable pointer converts to both).
+template <typename Params>
+void pool_ptrs(Params& p, const torch::Tensor& kc, const torch::Tensor& ks, const torch::Tensor& kz,
+               const torch::Tensor& vc, const torch::Tensor& vs, const torch::Tensor& vz, const torch::Tensor& kn) {
+  p.k_codes = kc.data_ptr<int32_t>();
+  p.k_scale = reinterpret_cast<__half*>(ks.data_ptr<at::Half>());
+  p.k_zero = reinterpret_cast<__half*>(kz.data_ptr<at::Half>());
+  p.v_codes = vc.data_ptr<int32_t>();
+  p.v_scale = reinterpret_cast<__half*>(vs.data_ptr<at::Half>());
+  p.v_zero = reinterpret_cast<__half*>(vz.data_ptr<at::Half>());
+  p.k_norm = kn.data_ptr<float>();
+}
+
 void store(torch::Tensor k, torch::Tensor v, torch::Tensor page_ids, torch::Tensor kc, torch::Tensor ks,
            torch::Tensor kz, torch::Tensor vc, torch::Tensor vs, torch::Tensor vz, torch::Tensor kn, int64_t bits,
            bool rotate, bool token_norm) {
@@ -52,13 +66,7 @@ void store(torch::Tensor k, torch::Tensor v, torch::Tensor page_ids, torch::Tens
   oscar::StoreParams p;
   p.k = k.data_ptr(); p.v = v.data_ptr(); p.page_ids = page_ids.data_ptr<int64_t>();
   p.N = N; p.P = P; p.H = H; p.rotate = rotate; p.token_norm = token_norm;
-  p.k_codes = kc.data_ptr<int32_t>();
-  p.k_scale = reinterpret_cast<__half*>(ks.data_ptr<at::Half>());
-  p.k_zero = reinterpret_cast<__half*>(kz.data_ptr<at::Half>());
-  p.v_codes = vc.data_ptr<int32_t>();
-  p.v_scale = reinterpret_cast<__half*>(vs.data_ptr<at::Half>());
-  p.v_zero = reinterpret_cast<__half*>(vz.data_ptr<at::Half>());
-  p.k_norm = kn.data_ptr<float>();
+  pool_ptrs(p, kc, ks, kz, vc, vs, vz, kn);
   oscar::launch_store(p, D, bits, bf16, c10::cuda::getCurrentCUDAStream().stream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -98,13 +106,7 @@ void decode(torch::Tensor q, torch::Tensor kc, torch::Tensor ks, torch::Tensor k
   const c10::cuda::CUDAGuard guard(q.device());
   oscar::DecodeParams p;
   p.q = q.data_ptr();
-  p.k_codes = kc.data_ptr<int32_t>();
-  p.k_scale = reinterpret_cast<const __half*>(ks.data_ptr<at::Half>());
-  p.k_zero = reinterpret_cast<const __half*>(kz.data_ptr<at::Half>());
-  p.v_codes = vc.data_ptr<int32_t>();
-  p.v_scale = reinterpret_cast<const __half*>(vs.data_ptr<at::Half>());
-  p.v_zero = reinterpret_cast<const __half*>(vz.data_ptr<at::Half>());
-  p.k_norm = kn.data_ptr<float>();
+  pool_ptrs(p, kc, ks, kz, vc, vs, vz, kn);
   p.page_table = page_table.data_ptr<int32_t>();
   p.page_table_stride = page_table.stride(0);
   p.res_k = res_k.data_ptr(); p.res_v = res_v.data_ptr();
@@ -157,13 +159,7 @@ void extend(torch::Tensor q, torch::Tensor kc, torch::Tensor ks, torch::Tensor k
   const c10::cuda::CUDAGuard guard(q.device());
   oscar::ExtendParams p;
   p.q = q.data_ptr();
-  p.k_codes = kc.data_ptr<int32_t>();
-  p.k_scale = reinterpret_cast<const __half*>(ks.data_ptr<at::Half>());
-  p.k_zero = reinterpret_cast<const __half*>(kz.data_ptr<at::Half>());
-  p.v_codes = vc.data_ptr<int32_t>();
-  p.v_scale = reinterpret_cast<const __half*>(vs.data_ptr<at::Half>());
-  p.v_zero = reinterpret_cast<const __half*>(vz.data_ptr<at::Half>());
-  p.k_norm = kn.data_ptr<float>();
+  pool_ptrs(p, kc, ks, kz, vc, vs, vz, kn);
   p.req_to_token = req_to_token.data_ptr<int32_t>();
   p.req_to_token_stride = req_to_token.stride(0);
   p.raw_k = raw_k.data_ptr(); p.raw_v = raw_v.data_ptr();

@@ -17,8 +17,8 @@
 #include <math.h>
 
 #include "common.cuh"
-#include "hadacore/hadacore.cuh"
 #include "kernels.h"
+#include "query.cuh"
 
 namespace oscar {
 namespace {
@@ -334,31 +334,8 @@ __global__ void __launch_bounds__(kWarps * 32, Geo<D, BITS>::MIN_BLOCKS) decode_
   // ---- queries: rotate (fp32 Hadamard), scale each head by its max |q| into fp16 for the packed
   // MMA; keep the raw model-dtype copy for the residual.
   for (int lh = warp; lh < 8; lh += kWarps) {
-    float x[E];
-    if (lh < NQ) {
-      const T* qp = static_cast<const T*>(p.q) + (int64_t(b) * p.Hq + hq0 + lh) * D + lane * E;
-#pragma unroll
-      for (int i = 0; i < E; ++i) {
-        qr_s[lh * D + lane * E + i] = qp[i];
-        x[i] = DT<T>::to_f(qp[i]);
-      }
-    } else {
-#pragma unroll
-      for (int i = 0; i < E; ++i) {
-        qr_s[lh * D + lane * E + i] = DT<T>::from_f(0.f);
-        x[i] = 0.f;
-      }
-    }
-    if (p.rotate) hadacore::warp_fwht<E>(x, hadacore::inv_sqrt_pow2(D));
-    float mx = 0.f;
-#pragma unroll
-    for (int i = 0; i < E; ++i) mx = fmaxf(mx, fabsf(x[i]));
-#pragma unroll
-    for (int m = 16; m; m >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, m));
-    if (!(mx > 0.f) || !isfinite(mx)) mx = 1.f;
-    const float inv = 1.f / mx;
-#pragma unroll
-    for (int i = 0; i < E; ++i) q_s[lh * D + lane * E + i] = __float2half_rn(x[i] * inv);
+    const T* qp = lh < NQ ? static_cast<const T*>(p.q) + (int64_t(b) * p.Hq + hq0 + lh) * D : nullptr;
+    const float mx = prepare_query<T, E>(qp, p.rotate, qr_s + lh * D, q_s + lh * D);
     if (lane == 0) qsc_s[lh] = mx * p.sm_scale * kLog2e;
   }
   __syncthreads();

@@ -16,8 +16,8 @@
 #include <math.h>
 
 #include "common.cuh"
-#include "hadacore/hadacore.cuh"
 #include "kernels.h"
+#include "query.cuh"
 
 namespace oscar {
 namespace {
@@ -280,39 +280,13 @@ __global__ void __launch_bounds__(WARPS * 32, 8 / WARPS) extend_kernel(const Ext
 
   // ---- queries: raw copy (model dtype) for the raw phase; rotated and scaled by each row's max |q|
   // into fp16 for the packed phase (the scale goes into the logits in fp32)
-  {
-    constexpr int E = D / 32;
-    for (int i = 0; i < 16; ++i) {
-      const int r = warp * 16 + i, tb = r / g;
-      const bool ok = tb < ntok && r < TB * g;
-      float x[E];
-      if (ok) {
-        const T* src = static_cast<const T*>(p.q) + (int64_t(q_start + t0 + tb) * p.Hq + h * g + r % g) * D + lane * E;
-#pragma unroll
-        for (int e = 0; e < E; ++e) {
-          const T v = src[e];
-          qr_s[r * LDQ + lane * E + e] = v;
-          x[e] = DT<T>::to_f(v);
-        }
-      } else {
-#pragma unroll
-        for (int e = 0; e < E; ++e) {
-          qr_s[r * LDQ + lane * E + e] = DT<T>::from_f(0.f);
-          x[e] = 0.f;
-        }
-      }
-      if (p.rotate) hadacore::warp_fwht<E>(x, hadacore::inv_sqrt_pow2(D));
-      float mx = 0.f;
-#pragma unroll
-      for (int e = 0; e < E; ++e) mx = fmaxf(mx, fabsf(x[e]));
-#pragma unroll
-      for (int o = 16; o; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
-      if (!(mx > 0.f) || !isfinite(mx)) mx = 1.f;
-      const float inv = 1.f / mx;
-#pragma unroll
-      for (int e = 0; e < E; ++e) q_s[r * LDQ + lane * E + e] = __float2half_rn(x[e] * inv);
-      if (lane == 0) qsc_s[r] = mx * p.sm_scale * kLog2eX;
-    }
+  for (int i = 0; i < 16; ++i) {
+    const int r = warp * 16 + i, tb = r / g;
+    const T* src = tb < ntok && r < TB * g
+                       ? static_cast<const T*>(p.q) + (int64_t(q_start + t0 + tb) * p.Hq + h * g + r % g) * D
+                       : nullptr;
+    const float mx = prepare_query<T, D / 32>(src, p.rotate, qr_s + r * LDQ, q_s + r * LDQ);
+    if (lane == 0) qsc_s[r] = mx * p.sm_scale * kLog2eX;
   }
   __syncthreads();
 

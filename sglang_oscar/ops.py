@@ -22,7 +22,7 @@ _ROOT = pathlib.Path(os.environ.get("SGLANG_OSCAR_SRC") or pathlib.Path(__file__
 CSRC = _ROOT / "csrc"
 LIBS = _ROOT / "libs"
 SOURCES = ("bindings.cpp", "store.cu", "decode.cu", "extend.cu")
-HEADERS = ("csrc/common.cuh", "csrc/kernels.h", "libs/hadacore/hadacore.cuh")
+HEADERS = ("csrc/common.cuh", "csrc/query.cuh", "csrc/kernels.h", "libs/hadacore/hadacore.cuh")
 NAME = "sglang_oscar_ext"
 CUDA_FLAGS = ["-O3", "-std=c++17", "-gencode", "arch=compute_90a,code=sm_90a", "-diag-suppress", "550",
               "--expt-relaxed-constexpr"]
