@@ -1,5 +1,6 @@
 """GPU kernel benchmark: OScaR decode attention vs bf16 baselines, the store kernel, and a
 model-shaped decode loop at a fixed KV memory budget. Writes bench/results/kernels_h200.{json,png}.
+The oscar decode reads its page ids from a req_to_token table of token slots, as the backend does.
 
   python bench/kernels.py [--out DIR] [--quick]
 
@@ -23,7 +24,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from sglang_oscar import layout, ops  # noqa: E402
 from sglang_oscar.config import OscarConfig  # noqa: E402
-from sglang_oscar.wrapper import DecodeWrapper, store_pages  # noqa: E402
+from sglang_oscar.wrapper import DecodeWrapper, PageLookup, store_pages  # noqa: E402
 from randpool import random_pool  # noqa: E402
 
 DEV = "cuda"
@@ -160,13 +161,14 @@ def oscar_setup(B, L, hq, hkv, d, bits, copies_for=L2_DEFEAT):
     q = torch.randn(B, hq, d, dtype=torch.bfloat16, device=DEV)
     rows = torch.arange(B, dtype=torch.int64, device=DEV)
     rlen = torch.full((B,), rl, dtype=torch.int32, device=DEV)
-    npg = torch.full((B,), n, dtype=torch.int32)
+    npg = torch.full((B,), n, dtype=torch.int32, device=DEV)
     fns = []
     for c in range(copies):
-        pt = (torch.arange(B * n, dtype=torch.int32, device=DEV) + c * B * n).view(B, max(n, 1) if n else 0) \
-            if n else torch.zeros(B, 1, dtype=torch.int32, device=DEV)
+        # as the backend runs it: page ids read in place from a req_to_token table of token slots
+        pages = (torch.arange(B * max(n, 1), dtype=torch.int32, device=DEV) + c * B * n).view(B, max(n, 1))
+        req_to_token = (pages[:, :, None] * P + torch.arange(P, dtype=torch.int32, device=DEV)).view(B, -1)
         w = DecodeWrapper(cfg, hq, hkv, d, torch.bfloat16, DEV)
-        w.plan(pt, npg, rows, rlen)
+        w.plan(PageLookup(req_to_token, rows, P, P.bit_length() - 1), npg, rows, rlen)
         out = torch.empty_like(q)
         fns.append(lambda w=w, out=out: w.run(q, pool, res_k, res_v, None, out=out))
     return cycler(fns), stored, fns, pool
@@ -235,6 +237,70 @@ def store_bench():
 
 
 # ---------------------------------------------------------------------------------------------
+def backend_step_rows(layers=32, L=32768, hq=32, hkv=8, d=128, bits=2):
+    """The attention backend's whole decode step (index prep, then per layer the residual write, the
+    page store and the decode kernel) for `layers` layers sharing one pool: eager (host launches and
+    planning included, wall time) vs one CUDA-graph replay of the same step (SGLang's decode graphs).
+    Two lengths: L - 1 (no request completes a page: the usual step) and L (every request packs its
+    page in this step, which a request does once every P steps)."""
+    import types
+
+    from sglang_oscar.backend import OscarAttnBackend
+
+    cfg = OscarConfig(method="oscar", bits=bits, page_size=P)
+    out = []
+    for B in (1, 8, 32):
+        n = L // P + 1
+        pool = random_pool(B * n + 1, P, hkv, d, bits)
+        res_k = torch.randn(B + 1, P, hkv, d, dtype=torch.bfloat16, device=DEV)
+        res_v = torch.randn_like(res_k)
+        pages = torch.arange(1, B * n + 1, dtype=torch.int32, device=DEV).view(B, n)
+        req_to_token = torch.zeros(B + 1, n * P, dtype=torch.int32, device=DEV)
+        req_to_token[1:] = (pages[:, :, None] * P + torch.arange(P, dtype=torch.int32, device=DEV)).view(B, -1)
+        kv = types.SimpleNamespace(layer=lambda i: (pool, res_k, res_v))
+        be = OscarAttnBackend.detached(cfg, kv, req_to_token, DEV, True, (hq, hkv, d, torch.bfloat16))
+        lays = [types.SimpleNamespace(tp_q_head_num=hq, tp_k_head_num=hkv, qk_head_dim=d, layer_id=i,
+                                      scaling=d ** -0.5, is_cross_attention=False, logit_cap=0,
+                                      sliding_window_size=-1) for i in range(layers)]
+        mode = types.SimpleNamespace(is_decode=lambda: True, is_decode_or_idle=lambda: True)
+        q = torch.randn(B, hq * d, dtype=torch.bfloat16, device=DEV)
+        k = torch.randn(B, hkv * d, dtype=torch.bfloat16, device=DEV)
+        be.init_cuda_graph_state(B, B)
+        for seq in (L - 1, L):
+            fb = types.SimpleNamespace(req_pool_indices=torch.arange(1, B + 1, device=DEV),
+                                       seq_lens=torch.full((B,), seq, device=DEV), forward_mode=mode)
+
+            def eager():
+                be.init_forward_metadata(fb)
+                for lay in lays:
+                    be.forward_decode(q, k, k, lay, fb)
+
+            for _ in range(3):
+                eager()
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(10):
+                eager()
+            torch.cuda.synchronize()
+            t_eager = (time.perf_counter() - t0) / 10 * 1e6
+            be.init_forward_metadata_out_graph(fb, in_capture=True)
+
+            def step():
+                be.init_forward_metadata_in_graph(fb)
+                for lay in lays:
+                    be.forward_decode(q, k, k, lay, fb)
+
+            t_graph = timeit(step, iters=5, reps=5)
+            done = B if seq % P == 0 else 0
+            out.append(dict(B=B, L=seq, layers=layers, hq=hq, hkv=hkv, d=d, bits=bits, pages_packed=done,
+                            eager_step_us=round(t_eager, 1), graph_step_us=round(t_graph, 1)))
+            print(f"backend decode step B={B} L={seq} x{layers} layers ({done} pages packed): eager "
+                  f"{t_eager:.0f} us, CUDA graph {t_graph:.0f} us", flush=True)
+        del pool, res_k, res_v
+        torch.cuda.empty_cache()
+    return out
+
+
 def model_loop(fi, budget_gib, quick):
     """Llama-3.1-8B-shaped decode step (random weights, one layer's weights reused by all 32 layers)."""
     layers, hidden, hq, hkv, d, inter, vocab = 32, 4096, 32, 8, 128, 14336, 128256
@@ -379,9 +445,14 @@ def main():
     for r in rows:
         r["pct_copy_bw"] = round(100 * r["gbps"] / bw, 1)
     store = store_bench()
+    try:
+        step = backend_step_rows()
+    except Exception as e:  # noqa: BLE001 - keep the kernel rows; the error goes into the JSON
+        print(f"backend step bench failed: {type(e).__name__}: {e}")
+        step = dict(error=f"{type(e).__name__}: {e}")
     model = [] if args.skip_model else model_loop(fi, args.budget_gib, args.quick)
     result = dict(
-        rows=rows, skipped=skipped, store=store, model=model, copy_gbps=round(bw, 1),
+        rows=rows, skipped=skipped, store=store, backend_step=step, model=model, copy_gbps=round(bw, 1),
         hardware=dict(gpu=props.name, sms=props.multi_processor_count, torch=torch.__version__,
                       cuda=torch.version.cuda, python=platform.python_version(),
                       flashinfer=getattr(fi, "__version__", None) if fi else None),
@@ -389,7 +460,8 @@ def main():
         notes=("bf16_us = faster of FlashInfer paged decode (page 16, NHD) and torch SDPA; gbps = bytes stored "
                "(packed pages + raw residual page + q/out) / oscar_us; pct_copy_bw against the D2D copy "
                "measured in the same run. Model loop: Llama-3.1-8B shapes, random weights (one layer's "
-               "weights reused by all 32 layers), KV pools per layer sized to the budget."),
+               "weights reused by all 32 layers), KV pools per layer sized to the budget. backend_step: the "
+               "backend's decode step over 32 layers sharing one pool, eager wall time vs CUDA-graph replay."),
         elapsed_s=round(time.time() - t0, 1),
     )
     with open(os.path.join(args.out, "kernels_h200.json"), "w") as f:

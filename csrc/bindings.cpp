@@ -50,21 +50,36 @@ void pool_ptrs(Params& p, const torch::Tensor& kc, const torch::Tensor& ks, cons
   p.k_norm = kn.data_ptr<float>();
 }
 
-void store(torch::Tensor k, torch::Tensor v, torch::Tensor page_ids, torch::Tensor kc, torch::Tensor ks,
-           torch::Tensor kz, torch::Tensor vc, torch::Tensor vs, torch::Tensor vz, torch::Tensor kn, int64_t bits,
-           bool rotate, bool token_norm) {
+// The supported matrix mirrors sglang_oscar/shapes.py (KERNEL_PAGE_SIZES, KERNEL_HEAD_DIMS, BITS).
+void check_shape(int P, int D, int64_t bits) {
+  TORCH_CHECK(P == 32 || P == 64 || P == 128, "page size must be 32, 64 or 128, got ", P);
+  TORCH_CHECK(D == 64 || D == 128, "head_dim must be 64 or 128, got ", D);
+  TORCH_CHECK(bits == 2 || bits == 4, "bits must be 2 or 4, got ", bits);
+}
+
+// An optional int64 index vector: an empty tensor means "none" (null pointer).
+const int64_t* opt_index(const torch::Tensor& t, int64_t n, const char* name) {
+  if (t.numel() == 0) return nullptr;
+  CHECK_T(t, torch::kInt64);
+  TORCH_CHECK(t.numel() == n, name, " must hold ", n, " entries, got ", t.numel());
+  return t.data_ptr<int64_t>();
+}
+
+void store(torch::Tensor k, torch::Tensor v, torch::Tensor page_ids, torch::Tensor src_rows, torch::Tensor kc,
+           torch::Tensor ks, torch::Tensor kz, torch::Tensor vc, torch::Tensor vs, torch::Tensor vz,
+           torch::Tensor kn, int64_t bits, bool rotate, bool token_norm) {
   const bool bf16 = model_dtype(k);
   CHECK_T(k, k.scalar_type()); CHECK_T(v, k.scalar_type()); CHECK_T(page_ids, torch::kInt64);
-  TORCH_CHECK(k.dim() == 4 && v.sizes() == k.sizes(), "k, v must be [N, P, H, D]");
-  const int N = k.size(0), P = k.size(1), H = k.size(2), D = k.size(3);
-  TORCH_CHECK(P % 32 == 0, "page size must be a multiple of 32");
-  TORCH_CHECK(D == 64 || D == 128, "head_dim must be 64 or 128");
-  TORCH_CHECK(bits == 2 || bits == 4, "bits must be 2 or 4");
-  TORCH_CHECK(page_ids.numel() == N, "one page id per page");
+  TORCH_CHECK(k.dim() == 4 && v.sizes() == k.sizes(), "k, v must be [rows, P, H, D]");
+  const int N = page_ids.numel(), P = k.size(1), H = k.size(2), D = k.size(3);
+  check_shape(P, D, bits);
+  // Without src_rows, page n is row n of k/v; with them, row src_rows[n] (values unchecked: on the device).
+  const int64_t* rows = opt_index(src_rows, N, "src_rows");
+  TORCH_CHECK(rows || k.size(0) == N, "one page id per row of k/v");
   check_pool(kc, ks, kz, vc, vs, vz, kn, H, P, D, bits);
   const c10::cuda::CUDAGuard guard(k.device());
   oscar::StoreParams p;
-  p.k = k.data_ptr(); p.v = v.data_ptr(); p.page_ids = page_ids.data_ptr<int64_t>();
+  p.k = k.data_ptr(); p.v = v.data_ptr(); p.src_rows = rows; p.page_ids = page_ids.data_ptr<int64_t>();
   p.N = N; p.P = P; p.H = H; p.rotate = rotate; p.token_norm = token_norm;
   pool_ptrs(p, kc, ks, kz, vc, vs, vz, kn);
   oscar::launch_store(p, D, bits, bf16, c10::cuda::getCurrentCUDAStream().stream());
@@ -72,10 +87,11 @@ void store(torch::Tensor k, torch::Tensor v, torch::Tensor page_ids, torch::Tens
 }
 
 void decode(torch::Tensor q, torch::Tensor kc, torch::Tensor ks, torch::Tensor kz, torch::Tensor vc, torch::Tensor vs,
-            torch::Tensor vz, torch::Tensor kn, torch::Tensor page_table, torch::Tensor res_k, torch::Tensor res_v,
-            torch::Tensor res_rows, torch::Tensor res_len, torch::Tensor items, torch::Tensor item_start,
-            torch::Tensor part_o, torch::Tensor part_lse, torch::Tensor out, torch::Tensor lse, int64_t num_items, int64_t q_chunks,
-            double sm_scale, int64_t bits, bool rotate, bool any_split) {
+            torch::Tensor vz, torch::Tensor kn, torch::Tensor page_table, torch::Tensor page_rows,
+            int64_t page_col_step, int64_t page_shift, torch::Tensor num_pages, torch::Tensor res_k,
+            torch::Tensor res_v, torch::Tensor res_rows, torch::Tensor res_len, torch::Tensor part_o,
+            torch::Tensor part_lse, torch::Tensor out, torch::Tensor lse, int64_t splits, int64_t q_chunks,
+            double sm_scale, int64_t bits, bool rotate) {
   const bool bf16 = model_dtype(q);
   CHECK_T(q, q.scalar_type()); CHECK_T(out, q.scalar_type());
   CHECK_T(res_k, q.scalar_type()); CHECK_T(res_v, q.scalar_type());
@@ -84,20 +100,23 @@ void decode(torch::Tensor q, torch::Tensor kc, torch::Tensor ks, torch::Tensor k
   const int B = q.size(0), Hq = q.size(1), D = q.size(2);
   const int P = res_k.size(1), H = res_k.size(2);
   TORCH_CHECK(res_k.size(3) == D, "head_dim mismatch between q and residual");
-  TORCH_CHECK(D == 64 || D == 128, "head_dim must be 64 or 128");
-  TORCH_CHECK(P == 32 || P == 64 || P == 128, "page size must be 32, 64 or 128");
+  check_shape(P, D, bits);
   TORCH_CHECK(Hq % H == 0, "query heads must be a multiple of KV heads");
-  TORCH_CHECK(bits == 2 || bits == 4, "bits must be 2 or 4");
   check_pool(kc, ks, kz, vc, vs, vz, kn, H, P, D, bits);
-  TORCH_CHECK(page_table.is_cuda() && page_table.scalar_type() == torch::kInt32 && page_table.dim() == 2 &&
-                  page_table.stride(1) == 1 && page_table.size(0) >= B,
-              "page_table must be a CUDA int32 [B, max_pages] tensor with unit column stride");
-  CHECK_T(res_rows, torch::kInt64); CHECK_T(res_len, torch::kInt32);
-  CHECK_T(items, torch::kInt32); CHECK_T(item_start, torch::kInt32);
+  TORCH_CHECK(page_table.is_cuda() && page_table.scalar_type() == torch::kInt32 && page_table.dim() == 2,
+              "page_table must be a CUDA int32 2-D tensor");
+  TORCH_CHECK(page_col_step >= 1 && page_table.stride(1) * page_col_step < (1 << 30) && page_shift >= 0 &&
+                  page_shift < 31, "page_col_step must be >= 1 and page_shift in 0..30");
+  const int64_t* prow = opt_index(page_rows, B, "page_rows");
+  TORCH_CHECK(prow || page_table.size(0) >= B, "page_table needs a row per query");
+  CHECK_T(num_pages, torch::kInt32); CHECK_T(res_rows, torch::kInt64); CHECK_T(res_len, torch::kInt32);
+  TORCH_CHECK(num_pages.numel() == B && res_rows.numel() == B && res_len.numel() == B,
+              "num_pages, res_rows and res_len need one entry per query");
+  TORCH_CHECK(splits >= 1 && int64_t(B) * splits <= 65535, "splits must be >= 1 and queries x splits <= 65535");
   CHECK_T(part_o, torch::kFloat32); CHECK_T(part_lse, torch::kFloat32);
-  TORCH_CHECK(items.numel() >= num_items * 4 && item_start.numel() >= B + 1, "plan tensors too small");
-  TORCH_CHECK(!any_split || (part_o.numel() >= num_items * Hq * D && part_lse.numel() >= num_items * Hq),
-              "workspace too small");
+  TORCH_CHECK(splits == 1 || (part_o.numel() >= int64_t(B) * splits * Hq * D &&
+                              part_lse.numel() >= int64_t(B) * splits * Hq),
+              "workspace too small for ", B, " queries x ", splits, " splits");
   const bool want_lse = lse.numel() > 0;  // an empty tensor: no lse wanted
   if (want_lse) {
     CHECK_T(lse, torch::kFloat32);
@@ -108,15 +127,18 @@ void decode(torch::Tensor q, torch::Tensor kc, torch::Tensor ks, torch::Tensor k
   p.q = q.data_ptr();
   pool_ptrs(p, kc, ks, kz, vc, vs, vz, kn);
   p.page_table = page_table.data_ptr<int32_t>();
-  p.page_table_stride = page_table.stride(0);
+  p.page_rows = prow;
+  p.page_row_stride = page_table.stride(0);
+  p.page_col_stride = int(page_table.stride(1) * page_col_step);
+  p.page_shift = int(page_shift);
+  p.num_pages = num_pages.data_ptr<int32_t>();
   p.res_k = res_k.data_ptr(); p.res_v = res_v.data_ptr();
   p.res_rows = res_rows.data_ptr<int64_t>(); p.res_len = res_len.data_ptr<int32_t>();
-  p.items = items.data_ptr<int32_t>(); p.item_start = item_start.data_ptr<int32_t>();
   p.part_o = part_o.data_ptr<float>(); p.part_lse = part_lse.data_ptr<float>();
   p.out = out.data_ptr();
   p.lse = want_lse ? lse.data_ptr<float>() : nullptr;
-  p.B = B; p.Hq = Hq; p.H = H; p.P = P; p.num_items = num_items; p.q_chunks = q_chunks;
-  p.sm_scale = float(sm_scale); p.rotate = rotate; p.any_split = any_split;
+  p.B = B; p.Hq = Hq; p.H = H; p.P = P; p.splits = int(splits); p.q_chunks = int(q_chunks);
+  p.sm_scale = float(sm_scale); p.rotate = rotate;
   oscar::launch_decode(p, D, bits, bf16, c10::cuda::getCurrentCUDAStream().stream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

@@ -1,7 +1,8 @@
 // Paged split-KV decode attention over OScaR packed pages (+ the request's raw partial last page).
 //
-// One CTA = (work item, KV head, chunk of <= 8 query heads). A work item is a run of one request's
-// packed pages; the residual (raw partial page) is folded into the request's last item. Pages stream
+// One CTA = (query, split, KV head, chunk of <= 8 query heads). A split is a run of the query's
+// packed pages, derived on the device from its page count (split_range); the residual (raw partial
+// page) is folded into its last split. Pages stream
 // into shared memory with sm_90 bulk copies (7 contiguous runs per page: one per layout field) in a
 // STAGES-deep ring of 128-token stages; each of the 4 warps takes one 32-token chunk (= one K group)
 // of a stage and keeps its own online-softmax state; the warps merge at the end, and split requests
@@ -50,6 +51,24 @@ struct Geo {
   static constexpr int MIN_BLOCKS = BITS == 2 ? 4 : 3;
   static_assert(kWarps * 8 * D * 4 + 2 * kWarps * 8 * 4 <= STAGES * STAGE_B, "merge scratch must fit in the ring");
 };
+
+// Pages [first, end) of split i of a query with n_pages packed pages, and how many splits it uses:
+// k = min(splits, ceil(stages / kMinSplitStages)) splits of whole 128-token stages, evenly sized,
+// empty trailing splits dropped. Twin: wrapper.split_schedule.
+struct SplitRange {
+  int first, end, count;
+};
+__device__ __forceinline__ SplitRange split_range(int n_pages, int P, int splits, int i) {
+  const int pps = 128 / P;
+  const int stages = (n_pages + pps - 1) / pps;
+  int k = 1, sps = 0;
+  if (stages > 0) {
+    k = min(splits, (stages + kMinSplitStages - 1) / kMinSplitStages);
+    sps = (stages + k - 1) / k;
+    k = (stages + sps - 1) / sps;
+  }
+  return {min(n_pages, i * sps * pps), min(n_pages, (i + 1) * sps * pps), k};
+}
 
 // Online softmax over one chunk's S^T: S[mt] = {(t0, h0), (t0, h1), (t1, h0), (t1, h1)} with tokens
 // t0 = 4*gid + 2*mt, t1 = t0 + 1 and heads h0 = 2*tig, h1 = 2*tig + 1. Leaves exp2 weights in S and
@@ -276,10 +295,16 @@ __global__ void __launch_bounds__(kWarps * 32, Geo<D, BITS>::MIN_BLOCKS) decode_
   constexpr int E = D / 32;
   extern __shared__ __align__(128) unsigned char smem[];
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, gid = lane >> 2, tig = lane & 3;
-  const int item = blockIdx.x;
-  const int h = blockIdx.y / p.q_chunks, qc = blockIdx.y % p.q_chunks;
-  const int4 it = reinterpret_cast<const int4*>(p.items)[item];
-  const int b = it.x, pg0 = it.y, pg1 = it.z, flags = it.w;
+  // Split-major grid: every query's first splits come before anyone's later ones, so the CTAs with
+  // work are dispatched (and spread over the SMs) first; unused splits are a tail that exits at once.
+  const int b = blockIdx.y % p.B, split = blockIdx.y / p.B;
+  const int h = blockIdx.x / p.q_chunks, qc = blockIdx.x % p.q_chunks;
+  const int n_pages = p.num_pages[b];
+  const int64_t prow = p.page_rows ? p.page_rows[b] : int64_t(b);  // loaded alongside n_pages
+  const SplitRange sr = split_range(n_pages, p.P, p.splits, split);
+  if (split >= sr.count) return;  // this query needs fewer splits (uniform over the CTA)
+  const int pg0 = sr.first, pg1 = sr.end;
+  const bool last = split == sr.count - 1, sole = sr.count == 1;
   const int grp = p.Hq / p.H;
   const int hq0 = h * grp + qc * 8;
   const int NQ = min(8, grp - qc * 8);
@@ -293,7 +318,7 @@ __global__ void __launch_bounds__(kWarps * 32, Geo<D, BITS>::MIN_BLOCKS) decode_
   const uint32_t kc_pg = (P / 32) * D * BITS * 4, ks_pg = (P / 32) * D * 2;
   const uint32_t vc_pg = P * D * BITS / 8, vs_pg = P * (D / 32) * 2, kn_pg = P * 4;
   const uint32_t page_bytes = kc_pg + 2 * ks_pg + vc_pg + 2 * vs_pg + kn_pg;
-  const int32_t* ptab = p.page_table + int64_t(b) * p.page_table_stride;
+  const int32_t* ptab = p.page_table + prow * p.page_row_stride;
 
   // Warp 0 issues a stage: lane i copies page i of it (7 runs, one per field).
   auto issue = [&](int s, int pid) {
@@ -316,7 +341,7 @@ __global__ void __launch_bounds__(kWarps * 32, Geo<D, BITS>::MIN_BLOCKS) decode_
   };
   auto load_pid = [&](int s) -> int {
     const int pg = pg0 + s * PPS + lane;
-    return (s < nstages && lane < PPS && pg < pg1) ? ptab[pg] : 0;
+    return (s < nstages && lane < PPS && pg < pg1) ? ptab[pg * p.page_col_stride] >> p.page_shift : 0;
   };
 
   if (tid == 0) {
@@ -361,7 +386,7 @@ __global__ void __launch_bounds__(kWarps * 32, Geo<D, BITS>::MIN_BLOCKS) decode_
       pid_next = load_pid(s + G::STAGES + 1);
     }
   }
-  if (flags & kItemResidual) {
+  if (last) {
     const int rl = p.res_len[b];
     if (warp * 32 < rl) residual_chunk<T, D>(p, p.res_rows[b], h, rl, warp, qr_s, O, st, gid, tig);
   }
@@ -405,30 +430,32 @@ __global__ void __launch_bounds__(kWarps * 32, Geo<D, BITS>::MIN_BLOCKS) decode_
     }
     o = L > 0.f ? o / L : 0.f;  // nothing visible (no pages, no residual; L is NaN then): 0, lse -inf
     const int64_t hq = hq0 + hh;
-    if (flags & kItemSole) {
+    if (sole) {
       static_cast<T*>(p.out)[(int64_t(b) * p.Hq + hq) * D + d] = DT<T>::from_f(o);
       if (p.lse && d == 0) p.lse[int64_t(b) * p.Hq + hq] = L > 0.f ? M + log2f(L) : -INFINITY;
     } else {
-      p.part_o[(int64_t(item) * p.Hq + hq) * D + d] = o;
-      if (d == 0) p.part_lse[int64_t(item) * p.Hq + hq] = M + log2f(L);
+      const int64_t item = int64_t(b) * p.splits + split;
+      p.part_o[(item * p.Hq + hq) * D + d] = o;
+      if (d == 0) p.part_lse[item * p.Hq + hq] = M + log2f(L);
     }
   }
 }
 
-// Merge the split items of each request: out = sum_i 2^(lse_i - LSE) o_i.
+// Merge the splits of each query: out = sum_i 2^(lse_i - LSE) o_i.
 template <typename T, int D>
 __global__ void combine_kernel(const DecodeParams p) {
   const int b = blockIdx.x, hq = blockIdx.y;
-  const int i0 = p.item_start[b], i1 = p.item_start[b + 1];
-  if (i1 - i0 <= 1) return;
+  const int n = split_range(p.num_pages[b], p.P, p.splits, 0).count;
+  if (n <= 1) return;  // written directly by its only split
+  const int64_t i0 = int64_t(b) * p.splits, i1 = i0 + n;
   float M = -INFINITY;
-  for (int i = i0; i < i1; ++i) M = fmaxf(M, p.part_lse[int64_t(i) * p.Hq + hq]);
+  for (int64_t i = i0; i < i1; ++i) M = fmaxf(M, p.part_lse[int64_t(i) * p.Hq + hq]);
   float L = 0.f;
-  for (int i = i0; i < i1; ++i) L += exp2f(p.part_lse[int64_t(i) * p.Hq + hq] - M);
+  for (int64_t i = i0; i < i1; ++i) L += exp2f(p.part_lse[int64_t(i) * p.Hq + hq] - M);
   if (p.lse && threadIdx.x == 0) p.lse[int64_t(b) * p.Hq + hq] = M + log2f(L);
   for (int d = threadIdx.x; d < D; d += blockDim.x) {
     float o = 0.f;
-    for (int i = i0; i < i1; ++i)
+    for (int64_t i = i0; i < i1; ++i)
       o += exp2f(p.part_lse[int64_t(i) * p.Hq + hq] - M) * p.part_o[(int64_t(i) * p.Hq + hq) * D + d];
     static_cast<T*>(p.out)[(int64_t(b) * p.Hq + hq) * D + d] = DT<T>::from_f(o / L);
   }
@@ -438,12 +465,12 @@ template <typename T, int D, int BITS>
 void launch_decode_t(const DecodeParams& p, cudaStream_t stream) {
   using G = Geo<D, BITS>;
   auto kern = decode_kernel<T, D, BITS>;
-  cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, G::SMEM);
-  if (p.num_items > 0) {
-    dim3 grid(p.num_items, p.H * p.q_chunks);
-    kern<<<grid, kWarps * 32, G::SMEM, stream>>>(p);
-  }
-  if (p.any_split) combine_kernel<T, D><<<dim3(p.B, p.Hq), D, 0, stream>>>(p);
+  // Once per instantiation: keeps the launch path free of extra driver calls (and graph-capture safe).
+  static const bool smem_set = (cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, G::SMEM), true);
+  (void)smem_set;
+  if (p.B == 0) return;
+  kern<<<dim3(p.H * p.q_chunks, p.B * p.splits), kWarps * 32, G::SMEM, stream>>>(p);
+  if (p.splits > 1) combine_kernel<T, D><<<dim3(p.B, p.Hq), D, 0, stream>>>(p);
 }
 
 template <typename T, int D, int BITS>

@@ -7,9 +7,10 @@
 namespace oscar {
 
 struct StoreParams {
-  const void* k;            // [N, P, H, D] model dtype, post-RoPE, un-rotated
-  const void* v;            // [N, P, H, D]
-  const int64_t* page_ids;  // [N]
+  const void* k;            // [rows, P, H, D] model dtype, post-RoPE, un-rotated
+  const void* v;            // [rows, P, H, D]
+  const int64_t* src_rows;  // [N] row of k/v holding page n, or null: row n
+  const int64_t* page_ids;  // [N] pool page to write; < 0: skip (a decode lane that completes no page)
   int N, P, H;
   int rotate, token_norm;
   int32_t* k_codes;         // [pages, H, P/32, D, bits]
@@ -21,6 +22,13 @@ struct StoreParams {
   float* k_norm;            // [pages, P]
 };
 
+// Page j of query b is pool page page_table[row_b * row_stride + j * col_stride] >> page_shift with
+// row_b = page_rows ? page_rows[b] : b: a plain [B, max_pages] table (col_stride 1, shift 0) or
+// SGLang's req_to_token (token slots; col_stride P, shift log2 P: pages are allocated whole).
+// Split schedule (static, host-free): at most `splits` CTAs per (query, KV head, head chunk); CTA
+// (b, i) derives its page range from num_pages[b] on the device (split_range in decode.cu, twin
+// in wrapper.split_schedule). A query with one split writes out (and lse) directly; otherwise its
+// splits write part_o/part_lse[b * splits + i] and the combine kernel merges them.
 struct DecodeParams {
   const void* q;                // [B, Hq, D] raw (un-rotated) queries
   const int32_t* k_codes;
@@ -30,25 +38,25 @@ struct DecodeParams {
   const __half* v_scale;
   const __half* v_zero;
   const float* k_norm;
-  const int32_t* page_table;    // [B, stride]
-  int64_t page_table_stride;
+  const int32_t* page_table;
+  const int64_t* page_rows;     // [B] or null
+  int64_t page_row_stride;
+  int page_col_stride, page_shift;
+  const int32_t* num_pages;     // [B] packed pages each query sees
   const void* res_k;            // [R, P, H, D] raw partial last pages
   const void* res_v;
   const int64_t* res_rows;      // [B]
   const int32_t* res_len;       // [B], 0..P (0: packed pages only, a chunk prefill's prefix part)
-  const int32_t* items;         // [num_items, 4]: request, first page, end page, flags
-  const int32_t* item_start;    // [B + 1]: the items of request b are item_start[b] ..
-  float* part_o;                // [num_items, Hq, D] normalized partial outputs (split requests)
-  float* part_lse;              // [num_items, Hq] log2-sum-exp of the partials
+  float* part_o;                // [B * splits, Hq, D] normalized partial outputs (split queries)
+  float* part_lse;              // [B * splits, Hq] log2-sum-exp of the partials
   void* out;                    // [B, Hq, D] model dtype
   float* lse;                   // [B, Hq] log2-sum-exp of the scaled logits (FlashInfer's base), or null
-  int B, Hq, H, P, num_items, q_chunks;
+  int B, Hq, H, P, splits, q_chunks;
   float sm_scale;
   int rotate;
-  int any_split;                // some request has several items: run the combine kernel
 };
 
-enum ItemFlags { kItemResidual = 1, kItemSole = 2 };
+constexpr int kMinSplitStages = 2;  // a split streams at least 2 x 128 tokens (amortizes prologue and merge)
 
 struct ExtendParams {
   const void* q;                // [T, Hq, D] raw queries of the step's new tokens

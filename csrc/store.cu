@@ -39,8 +39,9 @@ __device__ __forceinline__ uint32_t code_of(float x, const Quant& q) {
   return uint32_t(c);
 }
 
-// One CTA = one page x one 32-token K group, all heads. Warps loop over heads; each warp keeps
-// its head's rotated, normalized 32 x D key tile in shared memory (K groups run along tokens).
+// One CTA = one page x one 32-token K group x up to 4 heads, one per warp; each warp keeps its
+// head's rotated, normalized 32 x D key tile in shared memory (K groups run along tokens). Every CTA
+// of a group computes the group's token norms (over all heads); the first one stores them.
 template <typename T, int D, int BITS>
 __global__ void __launch_bounds__(kStoreWarps * 32)
 store_kernel(StoreParams p) {
@@ -57,10 +58,12 @@ store_kernel(StoreParams p) {
   const int G = p.P / 32;
   const int n = blockIdx.x / G, g = blockIdx.x % G;
   const int64_t page = p.page_ids[n];
+  if (page < 0) return;  // nothing to pack for this entry (uniform over the CTA)
   const int H = p.H;
   const T* kin = static_cast<const T*>(p.k);
   const T* vin = static_cast<const T*>(p.v);
-  const int64_t tok0 = int64_t(n) * p.P + g * 32;  // first input token of this group
+  const int64_t src = p.src_rows ? p.src_rows[n] : int64_t(n);
+  const int64_t tok0 = src * p.P + g * 32;  // first input token of this group
 
   // Omni-token norm of each token over all heads and channels (fp32). The Hadamard is orthonormal,
   // so the norm of the raw key equals the norm of the rotated one.
@@ -81,13 +84,14 @@ store_kernel(StoreParams p) {
     }
     if (lane == 0) {
       nrm[t] = acc;
-      p.k_norm[page * p.P + g * 32 + t] = acc;
+      if (blockIdx.y == 0) p.k_norm[page * p.P + g * 32 + t] = acc;
     }
   }
   __syncthreads();
 
   const float hscale = hadacore::inv_sqrt_pow2(D);
-  for (int h = warp; h < H; h += kStoreWarps) {
+  // CTA y takes heads 4y..4y+3: a single page's heads are packed in parallel (a decode step waits on it).
+  for (int h = blockIdx.y * kStoreWarps + warp; h < min(H, (blockIdx.y + 1) * kStoreWarps); h += kStoreWarps) {
     float lo[E], hi[E];
 #pragma unroll
     for (int i = 0; i < E; ++i) { lo[i] = INFINITY; hi[i] = -INFINITY; }
@@ -172,9 +176,10 @@ template <typename T, int D, int BITS>
 void launch_store_t(const StoreParams& p, cudaStream_t stream) {
   const size_t smem = (32 + kStoreWarps * 32 * D) * sizeof(float);
   auto kern = store_kernel<T, D, BITS>;
-  cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
-  const int grid = p.N * (p.P / 32);
-  if (grid > 0) kern<<<grid, kStoreWarps * 32, smem, stream>>>(p);
+  static const bool smem_set = (cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)), true);
+  (void)smem_set;
+  const dim3 grid(p.N * (p.P / 32), (p.H + kStoreWarps - 1) / kStoreWarps);
+  if (grid.x > 0) kern<<<grid, kStoreWarps * 32, smem, stream>>>(p);
 }
 
 }  // namespace

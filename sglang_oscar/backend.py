@@ -9,10 +9,15 @@ Per request and layer, one step (prefill chunk, mixed chunk or decode token) doe
 Packing before attention is what makes prefill page-consistent: a query attends to its earlier
 pages exactly as a later decode step will.
 
-On CUDA, batches run the fused kernels through wrapper.DecodeWrapper instead (same semantics,
-batched): plan() once per batch from host-side lengths, then per layer
-  - decode: one index_put of the new token into its residual row, one store launch for the pages
-    this token completes, one decode launch;
+On CUDA, batches run the fused kernels instead (same semantics, batched):
+  - decode (wrapper.DecodeWrapper): a DecodeBatch of device indices derived from SGLang's own
+    seq_lens / req_pool_indices by a few torch ops (no host data, no per-request loop), then per
+    layer one index_put of the new token into its residual row, one store launch that packs the
+    page each completing request fills (the others skip on the device) and one decode launch that
+    reads page ids straight from req_to_token. Under SGLang's decode CUDA graphs the indices live in
+    buffers allocated once for the largest batch (init_cuda_graph_state), filled inside the graph
+    (init_forward_metadata_in_graph), so a replay needs nothing from the host; padded lanes (request
+    row 0, seq_len 1) attend to one raw token of the padding row and store nothing.
   - extend (prefill, chunked and mixed batches; plan built on the device, extend.py): the step's raw
     K/V and the requests' residuals go to a flat scratch, the pages they complete are packed in one
     store launch, the new partial pages go to the residual rows, then one extend kernel
@@ -26,24 +31,67 @@ Set SGLANG_OSCAR_DECODE=torch to force the torch path on CUDA too (e.g. to compa
 """
 from __future__ import annotations
 
-import os
+import dataclasses
+import logging
 
 import torch
 from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
 
 from . import batched, ops, quant
 from .layout import FIELDS
+from .wrapper import store_pages
+
+logger = logging.getLogger(__name__)
 
 
 def store(k, v, page_ids, pages, cfg):
     """Pack full pages k, v [N, P, H, D] into pool pages `page_ids` [N]."""
     if k.is_cuda:
-        from .wrapper import store_pages
         store_pages(k, v, page_ids, pages, cfg)
         return
     packed = quant.store_pages(k, v, cfg)
     for f in FIELDS:
         pages[f][page_ids] = packed[f]
+
+
+@dataclasses.dataclass
+class DecodeBatch:
+    """Device indices of one decode batch (the token at position s-1, s = seq_len including it).
+
+    It sees pages 0..(s-1)//P - 1 packed and its own page raw from its residual row, so
+    num_pages = (s-1)//P and res_len = s - num_pages*P (1..P). A token with s % P == 0 completes
+    its page: that page is packed from the residual row (after the token is written) before the
+    decode kernel reads the residual, exactly as the per-request path does."""
+    rows: torch.Tensor         # int64 [B] request rows (req_pool_indices)
+    slot: torch.Tensor         # int64 [B] the new token's slot in its residual row, (s-1) % P
+    num_pages: torch.Tensor    # int32 [B]
+    res_len: torch.Tensor      # int32 [B]
+    store_page: torch.Tensor   # int64 [B] pool page this token completes, or -1
+    splits: int                # the decode kernel's most splits per request for this batch size
+
+    @classmethod
+    def empty(cls, bs: int, device) -> "DecodeBatch":
+        def z(dtype):   # every entry is written by fill() before anything reads it
+            return torch.empty(bs, dtype=dtype, device=device)
+        return cls(z(torch.int64), z(torch.int64), z(torch.int32), z(torch.int32), z(torch.int64), 1)
+
+    def view(self, bs: int, splits: int) -> "DecodeBatch":
+        """The first bs entries (same storage: a graph captured on them reads what is filled later)."""
+        return DecodeBatch(self.rows[:bs], self.slot[:bs], self.num_pages[:bs], self.res_len[:bs],
+                           self.store_page[:bs], splits)
+
+    def fill(self, req_pool_indices, seq_lens, req_to_token, page_size: int) -> None:
+        """In place, from SGLang's tensors: static shapes, device ops only (graph-recordable)."""
+        P, bs = page_size, self.rows.shape[0]
+        s = seq_lens[:bs].to(torch.int64)
+        n = torch.div(s - 1, P, rounding_mode="floor")
+        self.rows.copy_(req_pool_indices[:bs])
+        self.slot.copy_(s - 1 - n * P)
+        self.num_pages.copy_(n)
+        self.res_len.copy_(s - n * P)
+        # the completed page is page n; its first slot sits at column n * P of the request's row
+        first_slot = req_to_token[self.rows, (n * P).clamp(max=req_to_token.shape[1] - 1)].to(torch.int64)
+        self.store_page.copy_(torch.where(s % P == 0, first_slot // P, torch.full_like(s, -1)))
 
 
 class OscarAttnBackend(AttentionBackend):
@@ -57,51 +105,94 @@ class OscarAttnBackend(AttentionBackend):
             raise RuntimeError(f"the oscar backend needs the OScaR KV pool, got {type(pool).__name__} "
                                "(the plugin's pool hook did not take effect)")
         verify_hooks(model_runner)
+        from sglang.srt.runtime_context import get_parallel
+        mc, tp = model_runner.model_config, get_parallel().attn_tp_size
+        heads = (mc.num_attention_heads // tp, mc.get_num_kv_heads(tp), pool.head_dim, model_runner.dtype)
         self._setup(pool.oscar, pool, model_runner.req_to_token_pool, model_runner.device,
-                    decode_kernels_usable(model_runner.device, pool.oscar, pool.head_dim))
+                    decode_kernels_usable(model_runner.device, pool.oscar, pool.head_dim), heads)
 
-    def _setup(self, cfg, pool, req_to_token_pool, device, use_kernels):
+    def _setup(self, cfg, pool, req_to_token_pool, device, use_kernels, heads=None):
         self.device = torch.device(device)
         self.req_to_token_pool = req_to_token_pool
         self.token_to_kv_pool = pool
         self.cfg = cfg
         self.use_kernels = use_kernels
         self.forward_metadata = None
-        self._decode = None        # CUDA DecodeWrapper, built at the first decode layer (needs Hq/H/D/dtype)
-        self._decode_batch = None  # this decode batch's device-side indices, planned lazily
+        self._decode = None        # CUDA DecodeWrapper (built here when the head shapes are known)
+        self._decode_batch = None  # this decode batch's DecodeBatch
+        self._decode_planned = None  # the DecodeBatch the wrapper is planned for
+        self._graph_batch = None   # DecodeBatch buffers for the largest CUDA-graph batch
+        if use_kernels and heads is not None:
+            self._decode = self._decode_wrapper(*heads)
         self._extend_batch = None  # this extend batch's plan (extend.plan_extend)
 
     @classmethod
-    def detached(cls, cfg, pool, req_to_token, device, use_kernels):
+    def detached(cls, cfg, pool, req_to_token, device, use_kernels, heads=None):
         """A backend outside SGLang's model runner, for tests and benchmarks that drive it with fake
-        batches: `pool` needs only .layer(i) -> (pages, res_k, res_v); req_to_token [rows, slots]."""
+        batches: `pool` needs only .layer(i) -> (pages, res_k, res_v); req_to_token [rows, slots];
+        heads = (q heads, kv heads, head_dim, dtype) (needed for CUDA graphs, else found at the
+        first decode layer)."""
         import types
         be = cls.__new__(cls)
         AttentionBackend.__init__(be)
-        be._setup(cfg, pool, types.SimpleNamespace(req_to_token=req_to_token), device, use_kernels)
+        be._setup(cfg, pool, types.SimpleNamespace(req_to_token=req_to_token), device, use_kernels, heads)
         return be
+
+    def _decode_wrapper(self, Hq, H, D, dtype):
+        from .wrapper import DecodeWrapper
+        return DecodeWrapper(self.cfg, Hq, H, D, dtype, self.device)
+
+    # ---- decode CUDA graphs (SGLang's decode graph runner) -----------------------------------
+    def init_cuda_graph_state(self, max_bs: int, max_num_tokens: int):
+        if not self.use_kernels or self._decode is None:
+            raise RuntimeError("oscar: decode CUDA graphs need the CUDA kernels, which this GPU/model cannot use; "
+                               "run with --cuda-graph-backend-decode disabled")
+        self._graph_batch = DecodeBatch.empty(max_bs, self.device)
+
+    def get_cuda_graph_seq_len_fill_value(self):
+        # A padded lane is a request of one token in the padding row 0: no packed page, nothing stored.
+        return 1
+
+    def init_forward_metadata_out_graph(self, fb, in_capture: bool = False):
+        """Capture and replay of a decode graph (host-only: views of the graph buffers, the split
+        count of this batch size; the values are filled inside the graph)."""
+        if not fb.forward_mode.is_decode_or_idle():
+            raise RuntimeError("oscar: only decode runs under CUDA graphs (prefill graphs must be disabled)")
+        bs = fb.req_pool_indices.shape[0]
+        self._extend_batch = self.forward_metadata = None
+        self._decode_batch = self._graph_batch.view(bs, self._decode.splits_for(bs))
+
+    def init_forward_metadata_in_graph(self, fb):
+        if self._decode_batch is not None:
+            self._decode_batch.fill(fb.req_pool_indices, fb.seq_lens, self.req_to_token_pool.req_to_token,
+                                    self.cfg.page_size)
 
     # ---- metadata: host-side lists, once per batch ---------------------------------------------
     def init_forward_metadata(self, fb):
-        seq = fb.seq_lens_cpu.tolist() if fb.seq_lens_cpu is not None else fb.seq_lens.tolist()
+        """Eager batches (decode batches outside the captured sizes, every prefill)."""
         self._decode_batch = self._extend_batch = None
         self._torch_plan = None    # the torch path's batch plan, built at its first layer
         if self.use_kernels and fb.forward_mode.is_decode():
-            # Fast path: no per-request lists; the first layer's forward_decode plans the wrapper.
+            # Kernel path: device indices only (no host data); the wrapper is planned at the first layer.
             self.forward_metadata = None
-            self._decode_batch = self._prepare_decode(fb.req_pool_indices, fb.seq_lens, seq)
+            bs = fb.req_pool_indices.shape[0]
+            db = self._decode_batch = DecodeBatch.empty(bs, self.device)
+            if self._decode is not None:
+                db.splits = self._decode.splits_for(bs)
+            db.fill(fb.req_pool_indices, fb.seq_lens, self.req_to_token_pool.req_to_token, self.cfg.page_size)
             return
+        seq = fb.seq_lens_cpu.tolist() if fb.seq_lens_cpu is not None else fb.seq_lens.tolist()
         rows = fb.req_pool_indices.tolist()
         if fb.forward_mode.is_decode():
-            ext = [1] * len(rows)
+            extend_lens = [1] * len(rows)
         else:
-            ext = list(fb.extend_seq_lens_cpu)
-        prefix = [s - e for s, e in zip(seq, ext)]
-        self.forward_metadata = (rows, prefix, ext)
+            extend_lens = list(fb.extend_seq_lens_cpu)
+        prefix = [s - e for s, e in zip(seq, extend_lens)]
+        self.forward_metadata = (rows, prefix, extend_lens)
         if not fb.forward_mode.is_decode():
             self._check_residual_owners(rows, prefix)
         if self.use_kernels and not fb.forward_mode.is_decode():
-            self._extend_batch = self._prepare_extend(rows, prefix, ext, fb.seq_lens.device)
+            self._extend_batch = self._prepare_extend(rows, prefix, extend_lens, fb.seq_lens.device)
 
     def _check_residual_owners(self, rows, prefix):
         """An extend whose cached prefix ends inside a page continues from that page's raw tokens in the
@@ -134,43 +225,6 @@ class OscarAttnBackend(AttentionBackend):
         t = torch.tensor([rows, prefix, ext], dtype=torch.int64).to(dev, non_blocking=True)
         return plan_extend(t[0], t[1], t[2], prefix, ext, self.cfg.page_size, self.req_to_token_pool.req_to_token)
 
-    def _page_table(self, rows, n_pages: int):
-        """int32 [len(rows), max(1, n_pages)] pool page ids of each request row, in one gather: page j is
-        slot req_to_token[row, j*P] // P (SGLang allocates pages whole). Columns past a request's own
-        pages hold whatever its row has there; the kernels never read them."""
-        P = self.cfg.page_size
-        req_to_token = self.req_to_token_pool.req_to_token
-        cols = torch.arange(max(1, n_pages), device=rows.device, dtype=torch.int64) * P
-        cols = torch.clamp(cols, max=req_to_token.shape[1] - 1)
-        return (req_to_token[rows[:, None], cols[None, :]] // P).to(torch.int32)
-
-    def _prepare_decode(self, req_pool_indices, seq_lens, seq_cpu: list[int]) -> dict:
-        """Device indices of one decode batch (the token at position s-1, s = seq_len incl. it).
-
-        It sees pages 0..(s-1)//P - 1 packed and its own page raw from its residual row, so
-        num_pages = (s-1)//P and res_len = s - num_pages*P (1..P). A token with s % P == 0 completes
-        its page: that page is packed from the residual row (after the token is written) before the
-        decode kernel reads the residual, exactly as the per-request path does.
-        """
-        P = self.cfg.page_size
-        dev = seq_lens.device
-        rows = req_pool_indices.to(torch.int64)
-        s = seq_lens.to(torch.int64)
-        n_pages_cpu = [(x - 1) // P for x in seq_cpu]
-        num_pages = (s - 1) // P
-        req_to_token = self.req_to_token_pool.req_to_token
-        page_table = self._page_table(rows, max(n_pages_cpu, default=0))
-        done = [i for i, x in enumerate(seq_cpu) if x % P == 0]
-        store = None
-        if done:
-            idx = torch.tensor(done, dtype=torch.int64, device=dev)
-            d_rows = rows[idx]
-            # the completed page is page (s-1)//P; its first slot sits at column num_pages * P
-            d_pages = req_to_token[d_rows, num_pages[idx] * P].to(torch.int64) // P
-            store = (d_rows, d_pages)
-        return dict(rows=rows, slot=(s - 1) % P, page_table=page_table, num_pages_cpu=n_pages_cpu,
-                    res_len=(s - num_pages * P).to(torch.int32), store=store, planned=False)
-
     # ---- forward ---------------------------------------------------------------------------
     def _check(self, layer, save_kv_cache):
         if not save_kv_cache:
@@ -195,28 +249,25 @@ class OscarAttnBackend(AttentionBackend):
         q = q.reshape(-1, Hq, D)
         k = k.reshape(-1, H, D)
         v = v.reshape(-1, H, D)
-        b = self._decode_batch
-        self._decode = self._planned(self._decode, b, b["rows"], Hq, H, D, q)
-        pages, res_k, res_v = self.token_to_kv_pool.layer(layer.layer_id)
-        res_k[b["rows"], b["slot"]] = k.to(res_k.dtype)
-        res_v[b["rows"], b["slot"]] = v.to(res_v.dtype)
-        if b["store"] is not None:
-            d_rows, d_pages = b["store"]
-            store(res_k[d_rows], res_v[d_rows], d_pages, pages, self.cfg)
-        out = self._decode.run(q, pages, res_k, res_v, sm_scale=layer.scaling)
-        return out.reshape(-1, Hq * D)
-
-    def _planned(self, w, b, res_rows, Hq, H, D, q):
-        """`w`, (re)built for this layer's shapes and planned once per batch `b` (the split schedule
-        depends only on the lengths)."""
+        db = self._decode_batch
+        w = self._decode
         if w is None or (w.Hq, w.H, w.D, w.dtype) != (Hq, H, D, q.dtype):
-            from .wrapper import DecodeWrapper
-            w = DecodeWrapper(self.cfg, Hq, H, D, q.dtype, q.device)
-            b["planned"] = False
-        if not b["planned"]:
-            w.plan(b["page_table"], b["num_pages_cpu"], res_rows, b["res_len"])
-            b["planned"] = True
-        return w
+            w = self._decode = self._decode_wrapper(Hq, H, D, q.dtype)
+            db.splits = w.splits_for(db.rows.shape[0])
+            self._decode_planned = None
+        if self._decode_planned is not db:   # once per batch: host-only (tensor handles, split count)
+            from .wrapper import PageLookup
+            P = self.cfg.page_size
+            pages_of = PageLookup(self.req_to_token_pool.req_to_token, db.rows, P, P.bit_length() - 1)
+            w.plan(pages_of, db.num_pages, db.rows, db.res_len, splits=db.splits)
+            self._decode_planned = db
+        pages, res_k, res_v = self.token_to_kv_pool.layer(layer.layer_id)
+        res_k[db.rows, db.slot] = k.to(res_k.dtype)
+        res_v[db.rows, db.slot] = v.to(res_v.dtype)
+        # one launch for the batch: requests whose token completes no page have store_page -1
+        store_pages(res_k, res_v, db.store_page, pages, self.cfg, rows=db.rows)
+        out = w.run(q, pages, res_k, res_v, sm_scale=layer.scaling)
+        return out.reshape(-1, Hq * D)
 
     def _forward_extend_kernels(self, q, k, v, layer):
         """Both prefill modes: the step's raw tokens into the scratch, the pages it completes packed
@@ -254,11 +305,23 @@ class OscarAttnBackend(AttentionBackend):
         return False
 
 
+_fallback_warned = False
+
+
 def decode_kernels_usable(device, cfg, head_dim: int) -> bool:
-    """Whether decode may run on the CUDA kernels (else the per-request torch path)."""
-    if os.environ.get("SGLANG_OSCAR_DECODE", "").lower() == "torch":
+    """Whether attention may run on the CUDA kernels (else the torch path). On a CUDA device the
+    kernels cannot serve (another GPU architecture, a shape outside shapes.py's matrix) it says so
+    once per process."""
+    global _fallback_warned
+    if torch.device(device).type != "cuda" or not cfg.quantized:
         return False
-    if torch.device(device).type != "cuda" or not cfg.quantized or not ops.available():
-        return False
-    from .wrapper import KERNEL_HEAD_DIMS, KERNEL_PAGE_SIZES
-    return head_dim in KERNEL_HEAD_DIMS and cfg.page_size in KERNEL_PAGE_SIZES
+    problem = ops.torch_path_reason(cfg, head_dim, device)
+    if problem is None:
+        return True
+    if problem.startswith("SGLANG_OSCAR_DECODE"):
+        return False   # asked for: nothing to warn about
+    if not _fallback_warned:
+        _fallback_warned = True
+        logger.warning("oscar: the CUDA kernels do not support %s; attention runs on the torch path "
+                       "(much slower, no decode CUDA graphs)", problem)
+    return False

@@ -175,3 +175,127 @@ def test_index_slices_are_realigned_for_the_kernels():
     assert torch.equal(_aligned(ids), ids)
     whole = torch.arange(10, dtype=torch.int64)
     assert _aligned(whole) is whole
+
+
+def decode_batch(rows, seq, dev):
+    mode = types.SimpleNamespace(is_decode=lambda: True, is_decode_or_idle=lambda: True)
+    return types.SimpleNamespace(req_pool_indices=torch.tensor(rows, device=dev),
+                                 seq_lens=torch.tensor(seq, device=dev), seq_lens_cpu=torch.tensor(seq),
+                                 extend_seq_lens_cpu=None, forward_mode=mode)
+
+
+@pytest.mark.parametrize("P,Hq,H,D,dtype", [(64, 32, 8, 128, torch.bfloat16), (32, 9, 3, 64, torch.float16)])
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_decode_cuda_graph_replay_matches_eager(P, Hq, H, D, dtype):
+    """Decode captured once for B_MAX requests through the backend's graph interface (buffers from
+    init_cuda_graph_state, out_graph before capture/replay, in_graph inside), then replayed for
+    ragged batches padded as SGLang pads them (request row 0, seq_len = the fill value), with the
+    batch's rows and lengths changing between replays and pages completing inside replays. Replay must
+    equal the eager kernel path bit for bit (same split count), leave the same pool bytes, and match
+    the torch path to the kernels' tolerance."""
+    from sglang_oscar.wrapper import store_pages
+    dev = "cuda"
+    cfg = OscarConfig(method="oscar", bits=2, page_size=P)
+    n_layers, B_MAX, R = 2, 8, 12
+    # contexts before the first step (row 0 is the padding row); rows 1, 4 and 9 fill a page in a replay
+    ctx = {1: P - 2, 2: 5, 3: 40 * P + 3, 4: 2 * P - 1, 5: P, 6: 1000, 7: 7 * P - 3, 8: 130, 9: 3 * P - 1,
+           10: 17, 11: 600}
+    schedule = [[1, 2, 3], [3, 4, 5, 6, 7, 8, 9, 10], [11, 1, 4, 9, 5], [2, 6], [1, 2, 3, 4, 5, 6, 7, 8],
+                [9, 10, 11, 3]]
+    max_pages = (max(ctx.values()) + len(schedule)) // P + 2
+    num_pages = R * max_pages + 2
+    perm = torch.randperm(num_pages - 1, generator=torch.Generator().manual_seed(1))[: R * max_pages] + 1
+    req_to_token = torch.zeros((R, max_pages * P), dtype=torch.int32, device=dev)
+    for row in ctx:
+        pg = perm[row * max_pages:(row + 1) * max_pages]
+        req_to_token[row] = (pg[:, None] * P + torch.arange(P)[None, :]).flatten().to(torch.int32).to(dev)
+    pools = [FakePool(n_layers, num_pages, R, P, H, D, 2, dtype, dev) for _ in range(3)]
+    gen = torch.Generator(device=dev).manual_seed(2)
+    for row, L in ctx.items():       # the same prefilled state in every pool
+        n = L // P
+        ids = (req_to_token[row, : n * P: P] // P).long()
+        for i in range(n_layers):
+            k = (torch.randn(L, H, D, generator=gen, device=dev) * 2).to(dtype)
+            v = torch.randn(L, H, D, generator=gen, device=dev).to(dtype)
+            for pool in pools:
+                pages, res_k, res_v = pool.layer(i)
+                if n:
+                    store_pages(k[: n * P].view(n, P, H, D), v[: n * P].view(n, P, H, D), ids, pages, cfg)
+                res_k[row, : L - n * P] = k[n * P:]
+                res_v[row, : L - n * P] = v[n * P:]
+    heads = (Hq, H, D, dtype)
+    graph_be = OscarAttnBackend.detached(cfg, pools[0], req_to_token, dev, True, heads)
+    eager_be = OscarAttnBackend.detached(cfg, pools[1], req_to_token, dev, True, heads)
+    torch_be = OscarAttnBackend.detached(cfg, pools[2], req_to_token, dev, False)
+    layers = [types.SimpleNamespace(tp_q_head_num=Hq, tp_k_head_num=H, qk_head_dim=D, layer_id=i,
+                                    scaling=D ** -0.5, is_cross_attention=False, logit_cap=0,
+                                    sliding_window_size=-1) for i in range(n_layers)]
+
+    # SGLang's side: static inputs of the largest batch, padded lanes = row 0 with the fill value.
+    graph_be.init_cuda_graph_state(B_MAX, B_MAX)
+    fill = graph_be.get_cuda_graph_seq_len_fill_value()
+    rpi = torch.zeros(B_MAX, dtype=torch.int64, device=dev)
+    sl = torch.full((B_MAX,), fill, dtype=torch.int64, device=dev)
+    qb = torch.zeros(B_MAX, Hq * D, dtype=dtype, device=dev)
+    kb = torch.zeros(B_MAX, H * D, dtype=dtype, device=dev)
+    vb = torch.zeros(B_MAX, H * D, dtype=dtype, device=dev)
+    fb = types.SimpleNamespace(req_pool_indices=rpi, seq_lens=sl,
+                               forward_mode=types.SimpleNamespace(is_decode=lambda: True,
+                                                                  is_decode_or_idle=lambda: True))
+
+    def step():
+        graph_be.init_forward_metadata_in_graph(fb)
+        return [graph_be.forward_decode(qb, kb, vb, layer, fb) for layer in layers]
+
+    graph_be.init_forward_metadata_out_graph(fb, in_capture=True)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()                       # warm-up, as SGLang's runner does (padding lanes only)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = step()
+    graph_splits = graph_be._decode_batch.splits
+
+    cur = dict(ctx)
+    worst = 0.0
+    for rows in schedule:
+        B = len(rows)
+        seq = [cur[r] + 1 for r in rows]
+        q = torch.randn(B, Hq * D, generator=gen, device=dev).to(dtype)
+        k = (torch.randn(B, H * D, generator=gen, device=dev) * 2).to(dtype)
+        v = torch.randn(B, H * D, generator=gen, device=dev).to(dtype)
+        rpi.zero_()
+        sl.fill_(fill)
+        rpi[:B] = torch.tensor(rows, device=dev)
+        sl[:B] = torch.tensor(seq, device=dev)
+        for buf, x in ((qb, q), (kb, k), (vb, v)):
+            buf.zero_()
+            buf[:B] = x
+        graph_be.init_forward_metadata_out_graph(fb)   # replay: host-side only
+        graph.replay()
+        got = [o[:B].clone() for o in outs]
+
+        efb = decode_batch(rows, seq, dev)
+        eager_be.init_forward_metadata(efb)
+        eager_be._decode_batch.splits = graph_splits    # the same schedule as the captured graph
+        torch_be.init_forward_metadata(efb)
+        for i, layer in enumerate(layers):
+            want = eager_be.forward_decode(q, k, v, layer, efb)
+            ref = torch_be.forward_decode(q, k, v, layer, efb).float()
+            assert torch.equal(got[i], want), f"replay != eager at rows {rows}, layer {i}"
+            worst = max(worst, float((got[i].float() - ref).abs().max() / ref.abs().max()))
+        for r in rows:
+            cur[r] += 1
+    assert worst < 2.5e-2, worst
+    # The pools the replays and the eager path wrote are the same bytes (padding row 0 aside).
+    for i in range(n_layers):
+        for row, L in cur.items():
+            for a, b in ((pools[0].res_k[i], pools[1].res_k[i]), (pools[0].res_v[i], pools[1].res_v[i])):
+                assert torch.equal(a[row, : L % P], b[row, : L % P]), (row, L)
+            ids = (req_to_token[row, : (L // P) * P: P] // P).long()
+            for f in FIELDS:
+                assert torch.equal(pools[0].pages[i][f][ids], pools[1].pages[i][f][ids]), (f, row, L)
+    print(f"graph P={P} {Hq}/{H} d={D} {dtype}: splits {graph_splits}, max rel err vs torch path {worst:.2e}")

@@ -34,7 +34,7 @@ import torch
 from sglang_oscar import layout, quant
 from sglang_oscar.config import OscarConfig
 from sglang_oscar.layout import FIELDS
-from sglang_oscar.wrapper import DecodeWrapper, decode_reference, store_pages
+from sglang_oscar.wrapper import DecodeWrapper, PageLookup, decode_reference, split_schedule, store_pages
 
 pytestmark = [
     pytest.mark.gpu,
@@ -103,15 +103,29 @@ def build_case(B, contexts, P, Hq, H, D, dtype, cfg, seed, prefix_only=False):
         torch.tensor(res_len, dtype=torch.int32, device=DEV)
 
 
-def check_decode(B, contexts, P, Hq, H, D, dtype, bits, method, seed, prefix_only=False):
+def as_req_to_token(pt, P, gen):
+    """The same pages as SGLang lays them out: token slots (page * P + offset) in the rows of a
+    req_to_token table, query b in row rows[b] (shuffled, row 0 unused), read in place by the kernel."""
+    B, W = pt.shape
+    rows = torch.randperm(B + 2, generator=gen, device=DEV)[:B] + 1
+    r2t = torch.full((B + 3, W * P + 7), -1, dtype=torch.int32, device=DEV)
+    slots = (pt.clamp(min=0)[:, :, None] * P + torch.arange(P, device=DEV, dtype=torch.int32)).view(B, W * P)
+    r2t[rows, : W * P] = slots
+    return PageLookup(r2t, rows.to(torch.int64), P, P.bit_length() - 1)
+
+
+def check_decode(B, contexts, P, Hq, H, D, dtype, bits, method, seed, prefix_only=False, lookup=False, splits=None):
+    """lookup: page ids read from a req_to_token-style table (else a plain page table); splits: forced
+    split count (else the wrapper's for this batch size)."""
     cfg = OscarConfig(method=method, bits=bits, page_size=P)
     q, pool, res_k, res_v, pt, npg, rows, rlen = build_case(B, contexts, P, Hq, H, D, dtype, cfg, seed,
                                                             prefix_only)
     sm_scale = 1.0 / math.sqrt(D)
+    pages = as_req_to_token(pt, P, torch.Generator(device=DEV).manual_seed(seed)) if lookup else pt
     w = DecodeWrapper(cfg, Hq, H, D, dtype, DEV)
-    w.plan(pt, npg, rows, rlen)
-    w._part_o.fill_(float("nan"))
-    w._part_lse.fill_(float("nan"))
+    w.plan(pages, npg.to(DEV), rows, rlen, splits=splits)
+    w.part_o.fill_(float("nan"))
+    w.part_lse.fill_(float("nan"))
     out = torch.full_like(q, float("nan"))
     _, lse = w.run(q, pool, res_k, res_v, sm_scale, out=out, return_lse=True)
     ref, ref_lse = decode_reference(q, pool, res_k, res_v, sm_scale, pt, npg, rows, rlen.cpu(), cfg,
@@ -128,8 +142,10 @@ def check_decode(B, contexts, P, Hq, H, D, dtype, bits, method, seed, prefix_onl
     scale = ref.abs().amax().clamp_min(1e-6)
     max_rel = float(err.max() / scale)
     mean_rel = float(err.mean() / ref.abs().mean().clamp_min(1e-6))
+    used = split_schedule(npg, P, w.planned_splits)[2]
     tag = f"B={B} ctx={contexts[:4]}{'...' if len(contexts) > 4 else ''} P={P} Hq/H={Hq}/{H} D={D} " \
-          f"{str(dtype)[6:]} {method}-{bits} items={w._plan['n_items']}"
+          f"{str(dtype)[6:]} {method}-{bits} {'req_to_token' if lookup else 'table'} " \
+          f"splits<={w.planned_splits} (used {int(used.max())})"
     print(f"decode {tag}: max_rel={max_rel:.2e} mean_rel={mean_rel:.2e} lse_err={lse_err:.2e}")
     assert max_rel <= TOL[dtype], f"{tag}: max_rel {max_rel:.3e} > {TOL[dtype]}"
     assert mean_rel <= MEAN_TOL, f"{tag}: mean_rel {mean_rel:.3e}"
@@ -144,7 +160,7 @@ def test_decode_matrix(i):
     P, (Hq, H), D, dtype, bits = SMALL[i]
     B = BATCHES[i % 3]
     contexts = [CONTEXTS[(i + j) % len(CONTEXTS)] for j in range(B)]
-    check_decode(B, contexts, P, Hq, H, D, dtype, bits, METHODS[i % 3], seed=1000 + i)
+    check_decode(B, contexts, P, Hq, H, D, dtype, bits, METHODS[i % 3], seed=1000 + i, lookup=bool(i % 2))
 
 
 LONG = [  # (B, contexts, P, Hq, H, D, dtype, bits, method)
@@ -162,7 +178,16 @@ LONG = [  # (B, contexts, P, Hq, H, D, dtype, bits, method)
 @pytest.mark.parametrize("case", LONG, ids=[f"long{i}" for i in range(len(LONG))])
 def test_decode_long(case):
     B, contexts, P, Hq, H, D, dtype, bits, method = case
-    check_decode(B, contexts, P, Hq, H, D, dtype, bits, method, seed=7)
+    check_decode(B, contexts, P, Hq, H, D, dtype, bits, method, seed=7, lookup=B != 3)
+
+
+@pytest.mark.parametrize("splits", [1, 2, 5])
+def test_decode_forced_splits(splits):
+    """Ragged lengths under a fixed split count (as a CUDA graph of a larger batch runs them): every
+    query uses min(splits, its stage count / 2) splits, its residual in the last one."""
+    contexts = [33000, 1, 64, 65, 300, 4096, 129, 2000]
+    check_decode(len(contexts), contexts, 64, 32, 8, 128, torch.bfloat16, 2, "oscar", seed=20 + splits,
+                 lookup=True, splits=splits)
 
 
 PREFIX_ONLY = [  # (B, contexts, P, Hq, H, D, dtype, bits): res_len 0, some split (long), one empty
@@ -175,7 +200,7 @@ PREFIX_ONLY = [  # (B, contexts, P, Hq, H, D, dtype, bits): res_len 0, some spli
 @pytest.mark.parametrize("case", PREFIX_ONLY, ids=[f"prefix{i}" for i in range(len(PREFIX_ONLY))])
 def test_decode_prefix_only_with_lse(case):
     B, contexts, P, Hq, H, D, dtype, bits = case
-    check_decode(B, contexts, P, Hq, H, D, dtype, bits, "oscar", seed=11, prefix_only=True)
+    check_decode(B, contexts, P, Hq, H, D, dtype, bits, "oscar", seed=11, prefix_only=True, lookup=B == 3)
 
 
 def test_decode_plan_reuse_across_layers():
@@ -183,7 +208,7 @@ def test_decode_plan_reuse_across_layers():
     cfg = OscarConfig(bits=2, page_size=64)
     q, pool, res_k, res_v, pt, npg, rows, rlen = build_case(3, [5000, 70, 1], 64, 32, 8, 128, torch.bfloat16, cfg, 3)
     w = DecodeWrapper(cfg, 32, 8, 128, torch.bfloat16, DEV)
-    w.plan(pt, npg, rows, rlen)
+    w.plan(pt, npg.to(DEV), rows, rlen)
     a = w.run(q, pool, res_k, res_v)
     b = w.run(q, pool, res_k, res_v)
     assert torch.equal(a, b)
@@ -228,3 +253,29 @@ def test_store_kernel(case):
         ulp = b.abs().clamp_min(6.1e-5) * 2.0 ** -10
         assert bool(((a - b).abs() <= ulp * 1.01).all()), f"{f}: off by more than one fp16 ulp"
     torch.testing.assert_close(got["k_norm"], ref["k_norm"], rtol=1e-5, atol=0)
+
+
+def test_store_kernel_from_rows_skips_negative_ids():
+    """The decode-step store: pages read from rows of a residual-shaped buffer, entries with page id -1
+    skipped on the device (lanes whose token completes no page)."""
+    P, H, D, dtype = 64, 8, 128, torch.bfloat16
+    cfg = OscarConfig(method="oscar", bits=2, page_size=P)
+    gen = torch.Generator(device=DEV).manual_seed(3)
+    R = 9
+    k, v = make_kv(R * P, H, D, dtype, gen)
+    k, v = k.view(R, P, H, D), v.view(R, P, H, D)
+    rows = torch.tensor([4, 0, 7, 2, 5], device=DEV)
+    ids = torch.tensor([6, -1, 1, -1, 3], device=DEV)
+    pool = empty_pool(8, P, H, D, 2)
+    store_pages(k, v, ids, pool, cfg, rows=rows)
+    keep = ids >= 0
+    ref = quant.store_pages(k[rows[keep]], v[rows[keep]], cfg)
+    for f in FIELDS:
+        got = pool[f][ids[keep]]
+        if f in ("k_codes", "v_codes"):
+            diff = (layout.unpack_codes(got, 2).int() - layout.unpack_codes(ref[f], 2).int()).abs()
+            assert int(diff.max()) <= 1 and float((diff > 0).float().mean()) <= 1e-3, f
+        else:
+            torch.testing.assert_close(got.float(), ref[f].float(), rtol=2 ** -10, atol=1e-6)
+    untouched = [0, 2, 4, 5, 7]
+    assert torch.isnan(pool["k_scale"][untouched]).all() and torch.isnan(pool["k_norm"][untouched]).all()

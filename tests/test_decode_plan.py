@@ -1,0 +1,120 @@
+"""Host-free decode planning on the CPU: the split schedule's twin, the decode batch indices, and the
+GPU-architecture gate of the CUDA kernels (capability monkeypatched; no GPU needed)."""
+from __future__ import annotations
+
+import logging
+import random
+
+import pytest
+import torch
+
+from sglang_oscar import backend, ops
+from sglang_oscar.backend import DecodeBatch, decode_kernels_usable
+from sglang_oscar.config import OscarConfig
+from sglang_oscar.wrapper import MIN_SPLIT_STAGES, STAGE_TOKENS, split_schedule
+
+
+def reference_splits(n: int, P: int, splits: int) -> list[tuple[int, int]]:
+    """Page ranges of one query, spelled out: as few as one wave allows, each at least
+    MIN_SPLIT_STAGES stages (bar the last), whole stages, evenly sized."""
+    pps = STAGE_TOKENS // P
+    stages = -(-n // pps)
+    if stages == 0:
+        return [(0, 0)]
+    want = min(splits, -(-stages // MIN_SPLIT_STAGES))
+    size = -(-stages // want) * pps
+    out, first = [], 0
+    while first < n:
+        out.append((first, min(n, first + size)))
+        first += size
+    return out
+
+
+@pytest.mark.parametrize("P", [32, 64, 128])
+def test_split_schedule_matches_reference(P):
+    rnd = random.Random(P)
+    for splits in (1, 2, 3, 8, 66):
+        lens = [0, 1, 2, 3, 4, 5, 8, 9] + [rnd.randrange(0, 3000) for _ in range(40)]
+        first, end, count = split_schedule(torch.tensor(lens), P, splits)
+        assert first.shape == (len(lens), splits)
+        for b, n in enumerate(lens):
+            ref = reference_splits(n, P, splits)
+            c = int(count[b])
+            assert c == len(ref) <= splits, (n, splits)
+            got = [(int(first[b, i]), int(end[b, i])) for i in range(c)]
+            assert got == ref, (n, splits)
+            # the ranges tile [0, n) in stage-aligned pieces; unused splits are empty
+            assert got[0][0] == 0 and got[-1][1] == n
+            assert all(a == e for (_, e), (a, _) in zip(got, got[1:]))
+            assert all(a % (STAGE_TOKENS // P) == 0 for a, _ in got)
+            assert all(int(first[b, i]) == int(end[b, i]) for i in range(c, splits))
+
+
+def test_decode_batch_fill_matches_reference():
+    P = 64
+    gen = torch.Generator().manual_seed(0)
+    R, width = 9, 40 * P
+    # random distinct pages per row; slot = page * P + offset (SGLang allocates pages whole)
+    pages = torch.randperm(R * 40, generator=gen).view(R, 40) + 1
+    req_to_token = (pages[:, :, None] * P + torch.arange(P)).view(R, width).to(torch.int32)
+    rows = [3, 1, 7, 0, 0]                    # two padded lanes (row 0, seq_len 1) at the end
+    seq = [P, 1, 5 * P + 7, 1, 1]
+    bs = len(rows)
+    db = DecodeBatch.empty(bs, "cpu")
+    db.fill(torch.tensor(rows), torch.tensor(seq), req_to_token, P)
+    for b, (r, s) in enumerate(zip(rows, seq)):
+        n = (s - 1) // P
+        assert int(db.rows[b]) == r
+        assert int(db.num_pages[b]) == n
+        assert int(db.res_len[b]) == s - n * P
+        assert int(db.slot[b]) == (s - 1) % P
+        want = int(pages[r, n]) if s % P == 0 else -1
+        assert int(db.store_page[b]) == want
+    # a view shares storage: values filled later are what a captured graph reads
+    v = db.view(2, 3)
+    db.num_pages[1] = 99
+    assert int(v.num_pages[1]) == 99 and v.splits == 3
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """A CUDA device of a chosen compute capability, as far as the gate can tell."""
+    cap = {"value": (9, 0)}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: cap["value"])
+    monkeypatch.setattr(backend, "_fallback_warned", False)
+    monkeypatch.delenv("SGLANG_OSCAR_DECODE", raising=False)
+    return cap
+
+
+def test_kernels_gated_on_compute_capability(fake_gpu, caplog):
+    cfg = OscarConfig(method="oscar", bits=2, page_size=64)
+    fake_gpu["value"] = (9, 0)
+    assert ops.available() and ops.unsupported_reason() is None
+    assert decode_kernels_usable("cuda", cfg, 128)
+    for cap in ((8, 0), (8, 9), (10, 0), (12, 0)):
+        fake_gpu["value"] = cap
+        assert not ops.available()
+        assert f"{cap[0]}.{cap[1]}" in ops.unsupported_reason()
+        with pytest.raises(RuntimeError, match="cannot run on this GPU"):
+            ops.load()
+    fake_gpu["value"] = (8, 0)
+    with caplog.at_level(logging.WARNING, logger=backend.logger.name):
+        assert not decode_kernels_usable("cuda", cfg, 128)
+        assert not decode_kernels_usable("cuda", cfg, 128)   # a second backend (another layer set)
+    warnings = [r for r in caplog.records if "torch path" in r.getMessage()]
+    assert len(warnings) == 1 and "compute capability 8.0" in warnings[0].getMessage()
+
+
+def test_kernels_gated_on_shape_and_override(fake_gpu, monkeypatch, caplog):
+    fake_gpu["value"] = (9, 0)
+    with caplog.at_level(logging.WARNING, logger=backend.logger.name):
+        assert not decode_kernels_usable("cuda", OscarConfig(page_size=256), 128)
+        assert not decode_kernels_usable("cuda", OscarConfig(page_size=64), 256)
+    assert sum("torch path" in r.getMessage() for r in caplog.records) == 1
+    assert "page size 256" in caplog.records[0].getMessage()
+    assert not decode_kernels_usable("cuda", OscarConfig(method="bf16"), 128)
+    assert not decode_kernels_usable("cpu", OscarConfig(), 128)
+    monkeypatch.setenv("SGLANG_OSCAR_DECODE", "torch")
+    assert not decode_kernels_usable("cuda", OscarConfig(), 128)
+    assert ops.torch_path_reason(OscarConfig()) == "SGLANG_OSCAR_DECODE=torch"
