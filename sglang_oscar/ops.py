@@ -61,6 +61,8 @@ def build(verbose: bool = False):
             raise RuntimeError(f"sglang_oscar CUDA sources not found at {CSRC} (install from a source checkout, or set SGLANG_OSCAR_SRC to one)")
         from torch.utils.cpp_extension import load
 
+        from .toolkit import use_cuda_home
+        use_cuda_home()  # the nvcc on PATH may be a wrapper outside the toolkit
         d = build_dir()
         logger.warning("sglang_oscar: loading the CUDA kernels (first use compiles them for sm_90a, "
                        "a few minutes; cached in %s)", d)
