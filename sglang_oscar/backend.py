@@ -98,13 +98,11 @@ class OscarAttnBackend(AttentionBackend):
     def __init__(self, model_runner):
         super().__init__()
         from .pool import OscarKVPool
-        from .plugin import verify_hooks
 
         pool = model_runner.token_to_kv_pool
         if not isinstance(pool, OscarKVPool):
             raise RuntimeError(f"the oscar backend needs the OScaR KV pool, got {type(pool).__name__} "
                                "(the plugin's pool hook did not take effect)")
-        verify_hooks(model_runner)
         from sglang.srt.runtime_context import get_parallel
         mc, tp = model_runner.model_config, get_parallel().attn_tp_size
         heads = (mc.num_attention_heads // tp, mc.get_num_kv_heads(tp), pool.head_dim, model_runner.dtype)
