@@ -27,7 +27,8 @@ echo "setup done in $(( $(date +%s) - T0 ))s"
 rm -f "$OUT/.tests_done"
 ( t=$(date +%s); timeout 300 python3 -c "from sglang_oscar import ops; ops.build()" > "$OUT/ext_build.txt" 2>&1; \
   echo "ext build rc=$? in $(( $(date +%s) - t ))s" >> "$OUT/ext_build.txt"; \
-  timeout 120 python3 -m pytest -q -x -p no:cacheprovider tests/test_backend_gpu.py tests/test_kernels_gpu.py \
+  timeout 150 python3 -m pytest -q -rs -p no:cacheprovider tests/test_backend_gpu.py tests/test_kernels_gpu.py \
+    tests/test_extend_gpu.py tests/test_decode_plan.py \
     > "$OUT/gpu_tests.txt" 2>&1; echo "gpu tests rc=$?" >> "$OUT/gpu_tests.txt"; touch "$OUT/.tests_done" ) &
 BUILD=$!
 LEFT=$(( LIMIT - ($(date +%s) - T0) ))

@@ -42,6 +42,9 @@ __device__ __forceinline__ uint32_t code_of(float x, const Quant& q) {
 // One CTA = one page x one 32-token K group x up to 4 heads, one per warp; each warp keeps its
 // head's rotated, normalized 32 x D key tile in shared memory (K groups run along tokens). Every CTA
 // of a group computes the group's token norms (over all heads); the first one stores them.
+// A decode step waits on a single page's store, so latency matters: every global load of the group
+// is issued up front (16-byte vectors, all in flight together; the head's raw K/V staged in shared
+// memory) rather than one dependent load per token inside the sequential token loop.
 template <typename T, int D, int BITS>
 __global__ void __launch_bounds__(kStoreWarps * 32)
 store_kernel(StoreParams p) {
@@ -54,6 +57,9 @@ store_kernel(StoreParams p) {
   float* nrm = smem;                     // [32]
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   float* tile = smem + 32 + warp * 32 * D;
+  T* rawk = reinterpret_cast<T*>(smem + 32 + kStoreWarps * 32 * D) + warp * 2 * 32 * D;  // [32][D]
+  T* rawv = rawk + 32 * D;                                                                // [32][D]
+  constexpr int VPR = D / 8;             // 16-byte vectors per token row of one head
 
   const int G = p.P / 32;
   const int n = blockIdx.x / G, g = blockIdx.x % G;
@@ -67,14 +73,33 @@ store_kernel(StoreParams p) {
 
   // Omni-token norm of each token over all heads and channels (fp32). The Hadamard is orthonormal,
   // so the norm of the raw key equals the norm of the rotated one.
-  for (int t = warp; t < 32; t += kStoreWarps) {
-    float acc = 0.f;
-    if (p.token_norm) {
-      const T* row = kin + (tok0 + t) * H * D;
-      for (int i = lane; i < H * D; i += 32) {
-        const float x = DT<T>::to_f(row[i]);
-        acc += x * x;
+  constexpr int TPW = 32 / kStoreWarps;  // tokens per warp
+  float sq[TPW];
+#pragma unroll
+  for (int k = 0; k < TPW; ++k) sq[k] = 0.f;
+  if (p.token_norm) {
+    const int nvec = H * VPR;  // a token's keys over all heads, as 16-byte vectors
+    for (int c = lane; c < nvec; c += 32) {
+      uint4 u[TPW];
+#pragma unroll
+      for (int k = 0; k < TPW; ++k)
+        u[k] = reinterpret_cast<const uint4*>(kin + (tok0 + warp + k * kStoreWarps) * H * D)[c];
+#pragma unroll
+      for (int k = 0; k < TPW; ++k) {
+        const T* e = reinterpret_cast<const T*>(&u[k]);
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+          const float x = DT<T>::to_f(e[i]);
+          sq[k] += x * x;
+        }
       }
+    }
+  }
+#pragma unroll
+  for (int k = 0; k < TPW; ++k) {
+    const int t = warp + k * kStoreWarps;
+    float acc = sq[k];
+    if (p.token_norm) {
 #pragma unroll
       for (int m = 16; m; m >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, m);
       acc = sqrtf(acc);
@@ -95,12 +120,20 @@ store_kernel(StoreParams p) {
     float lo[E], hi[E];
 #pragma unroll
     for (int i = 0; i < E; ++i) { lo[i] = INFINITY; hi[i] = -INFINITY; }
+    // Stage this head's 32 raw K and V rows: D/8 independent 16-byte loads per lane per tensor.
+#pragma unroll
+    for (int r = 0; r < VPR; ++r) {
+      const int c = r * 32 + lane, t = c / VPR, j = c % VPR;
+      const int64_t off = ((tok0 + t) * H + h) * D;
+      reinterpret_cast<uint4*>(rawk + t * D)[j] = reinterpret_cast<const uint4*>(kin + off)[j];
+      reinterpret_cast<uint4*>(rawv + t * D)[j] = reinterpret_cast<const uint4*>(vin + off)[j];
+    }
+    __syncwarp();
     for (int t = 0; t < 32; ++t) {
-      const int64_t off = ((tok0 + t) * H + h) * D + lane * E;
       // ---- K: rotate, normalize, stage in shared memory, track per-channel range
       float x[E];
 #pragma unroll
-      for (int i = 0; i < E; ++i) x[i] = DT<T>::to_f(kin[off + i]);
+      for (int i = 0; i < E; ++i) x[i] = DT<T>::to_f(rawk[t * D + lane * E + i]);
       if (p.rotate) hadacore::warp_fwht<E>(x, hscale);
       const float nt = nrm[t];
 #pragma unroll
@@ -115,7 +148,7 @@ store_kernel(StoreParams p) {
       float vlo = INFINITY, vhi = -INFINITY;
 #pragma unroll
       for (int i = 0; i < E; ++i) {
-        y[i] = DT<T>::to_f(vin[off + i]);
+        y[i] = DT<T>::to_f(rawv[t * D + lane * E + i]);
         vlo = fminf(vlo, y[i]);
         vhi = fmaxf(vhi, y[i]);
       }
@@ -174,7 +207,8 @@ store_kernel(StoreParams p) {
 
 template <typename T, int D, int BITS>
 void launch_store_t(const StoreParams& p, cudaStream_t stream) {
-  const size_t smem = (32 + kStoreWarps * 32 * D) * sizeof(float);
+  // token norms, the fp32 key tiles, and the raw K/V rows of each warp's head
+  const size_t smem = (32 + kStoreWarps * 32 * D) * sizeof(float) + kStoreWarps * 2 * 32 * D * sizeof(T);
   auto kern = store_kernel<T, D, BITS>;
   static const bool smem_set = (cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)), true);
   (void)smem_set;
