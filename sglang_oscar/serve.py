@@ -96,3 +96,13 @@ class Server:
 
     def flush(self):
         requests.post(self.url + "/flush_cache", timeout=60).raise_for_status()
+
+    def wait_idle(self, timeout=120):
+        """Until the scheduler runs and queues nothing (aborted or abandoned requests finish)."""
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            load = requests.get(self.url + "/v1/loads", timeout=60).json()["loads"][0]
+            if load.get("num_running_reqs", 0) == 0 and load.get("num_waiting_reqs", 0) == 0:
+                return
+            time.sleep(0.5)
+        raise TimeoutError(f"server still busy after {timeout} s")

@@ -48,13 +48,7 @@ def srv(tmp_path_factory):
 
 def wait_idle(srv, timeout=120):
     """Until the scheduler runs and queues nothing (aborted requests are released asynchronously)."""
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        load = requests.get(srv.url + "/v1/loads", timeout=60).json()["loads"][0]
-        if load.get("num_running_reqs", 0) == 0 and load.get("num_waiting_reqs", 0) == 0:
-            return
-        time.sleep(0.5)
-    raise TimeoutError("server did not become idle")
+    srv.wait_idle(timeout)
 
 
 def assert_clean(srv):
