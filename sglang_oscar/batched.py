@@ -198,6 +198,23 @@ def plan(rows, prefix, ext, cfg: OscarConfig, req_to_token: torch.Tensor, Hq: in
     return p
 
 
+def _attend_lse(q, k, v, bias, scale):
+    """(softmax(q k^T * scale + bias) v, natural log-sum-exp) in fp32. On a CPU through torch's CPU flash
+    attention (which returns the lse); elsewhere (the torch path on a GPU the kernels do not serve, and
+    the reference of the GPU tests) by plain matmuls, since that operator exists only for the CPU."""
+    if q.device.type == "cpu":
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, attn_mask=bias,
+                                                                          scale=scale)
+    return _attend_lse_matmul(q, k, v, bias, scale)
+
+
+def _attend_lse_matmul(q, k, v, bias, scale):
+    s = torch.matmul(q, k.transpose(-1, -2)) * scale + bias
+    lse = torch.logsumexp(s, dim=-1)
+    w = torch.nan_to_num(torch.exp(s - lse[..., None]))   # a fully masked row: lse -inf, weights 0
+    return torch.matmul(w, v), lse
+
+
 def forward(p: Plan, q, k, v, pages, res_k, res_v, cfg: OscarConfig, sm_scale: float, store_fn):
     """One layer: q [T, Hq, D], k/v [T, H, D] of this step -> out [T, Hq, D] fp32.
 
@@ -253,9 +270,8 @@ def forward(p: Plan, q, k, v, pages, res_k, res_v, cfg: OscarConfig, sm_scale: f
             vis = (kp >= p.q_qb[b.sub][:, :, None]) & (kp <= p.q_pos[b.sub][:, :, None])
         # torch's CPU flash attention, which also returns the log-sum-exp the blocks merge by
         bias = torch.where(vis[:, :, None, :].expand(n_sub, E, g, b.n * P), 0.0, float("-inf"))
-        o_b, lse_b = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            qs, keys.contiguous(), vals.contiguous(), 0.0, False,
-            attn_mask=bias.view(n_sub, 1, E * g, b.n * P), scale=sm_scale)
+        o_b, lse_b = _attend_lse(qs, keys.contiguous(), vals.contiguous(), bias.view(n_sub, 1, E * g, b.n * P),
+                                 sm_scale)
         seen = vis.any(-1)[:, None, :, None].expand(n_sub, H, E, g).reshape(n_sub, H, E * g)
         lse_b = torch.where(seen, lse_b, float("-inf"))  # the kernel reports 0 for a fully masked row
         l_old = lse[b.sub]

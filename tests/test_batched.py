@@ -217,3 +217,41 @@ def test_fast_dequantization_equals_load_pages(bits):
     ks, ns, vs = quant.load_pages(pages, bits)
     kf, nf, vf = batched._load_pages(pages, bits)
     assert torch.equal(kf, ks) and torch.equal(nf, ns) and torch.equal(vf.transpose(1, 2), vs)
+
+
+def test_matmul_attention_equals_cpu_flash_with_lse():
+    # Off the CPU (a GPU the kernels do not serve, the GPU tests' reference) the key blocks go through
+    # plain matmuls instead of torch's CPU-only flash operator: same output and log-sum-exp in float64
+    # terms, fully masked rows included (zero output there; the caller masks their lse).
+    from sglang_oscar.batched import _attend_lse_matmul
+    g = torch.Generator().manual_seed(7)
+    q = torch.randn(3, 2, 5, 64, generator=g)
+    k = torch.randn(3, 2, 40, 64, generator=g)
+    v = torch.randn(3, 2, 40, 64, generator=g)
+    vis = torch.rand(3, 1, 5, 40, generator=g) < 0.6
+    vis[1, 0, 2] = False                                   # one row that sees nothing
+    bias = torch.where(vis, 0.0, float("-inf"))
+    o, lse = _attend_lse_matmul(q, k, v, bias, 0.125)
+    s = (q.double() @ k.double().transpose(-1, -2)) * 0.125 + bias.double()
+    ref_lse = torch.logsumexp(s, -1)
+    ref_o = torch.nan_to_num(torch.softmax(s, -1)) @ v.double()
+    seen = vis.expand(3, 2, 5, 40).any(-1)
+    assert torch.allclose(o.double(), ref_o, atol=1e-5)
+    assert torch.allclose(lse.double()[seen], ref_lse[seen], atol=1e-5)
+    assert bool((o[~seen] == 0).all())
+    o_cpu, lse_cpu = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False,
+                                                                                attn_mask=bias, scale=0.125)
+    assert torch.allclose(o[seen], o_cpu[seen], atol=1e-5) and torch.allclose(lse[seen], lse_cpu[seen], atol=1e-5)
+
+
+@pytest.mark.parametrize("prefill", ["page", "chunk"])
+def test_matmul_attention_path_matches_reference(monkeypatch, prefill):
+    # The whole batched path with the off-CPU attention (what a GPU without kernel support runs),
+    # checked here on the CPU against the spec, many blocks and masked rows included.
+    monkeypatch.setattr(batched, "_attend_lse", batched._attend_lse_matmul)
+    monkeypatch.setattr(batched, "SCRATCH_ELEMS", 1)
+    monkeypatch.setattr(batched, "QUERY_ROW", 5)
+    cfg = OscarConfig(method="oscar", bits=2, page_size=32, prefill=prefill)
+    c = Case(cfg, 8, 2, 64, max_len=300, n_req=3, seed=13)
+    for e in ([70, 3, 150], [40, 33, 1], [1, 1, 1]):
+        c.step(e)
