@@ -132,8 +132,8 @@ class DecodeWrapper:
             problem = kernel_problem(cfg.page_size, head_dim, cfg.bits, dtype)
             if problem:
                 raise ValueError(f"the CUDA decode kernel does not support {problem}")
-            ext = ops.load()
-            per_sm = ext.blocks_per_sm(head_dim, cfg.bits, dtype == torch.bfloat16)
+            kernels = ops.load()
+            per_sm = kernels.blocks_per_sm(head_dim, cfg.bits, dtype == torch.bfloat16)
             slots = torch.cuda.get_device_properties(self.device).multi_processor_count * max(1, per_sm)
             self.budget = max(1, slots // (num_kv_heads * self.q_chunks))
         # Split partials: a batch splits only while B * splits <= budget, so this never grows.
@@ -178,11 +178,11 @@ class DecodeWrapper:
                                     pl.res_len, self.cfg, return_lse)
         if q.shape[0] != pl.B:
             raise ValueError(f"q has batch {q.shape[0]}, the plan {pl.B}")
-        ext = ops.load()
+        kernels = ops.load()
         out = torch.empty_like(q) if out is None else out
         lse = q.new_empty((q.shape[0], self.Hq), dtype=torch.float32) if return_lse else self._no_lse
         lk = pl.pages
-        ext.decode(_aligned(q), *_pool_args(layer_pool), lk.table,
+        kernels.decode(_aligned(q), *_pool_args(layer_pool), lk.table,
                    lk.rows if lk.rows is not None else self._no_rows, lk.col_step, lk.shift, pl.num_pages,
                    res_k, res_v, pl.res_rows, pl.res_len, self.part_o, self.part_lse, out, lse, pl.splits,
                    self.q_chunks, float(scale), self.cfg.bits, self.cfg.rotate)
@@ -197,10 +197,10 @@ def store_pages(k, v, page_ids, layer_pool: dict, cfg: OscarConfig, rows=None) -
     if n == 0:
         return
     if k.is_cuda and ops.available(k.device):
-        ext = ops.load()
+        kernels = ops.load()
         ids = _on(page_ids, torch.int64, k.device)
         src = _on(rows, torch.int64, k.device) if rows is not None else ids.new_empty(0)
-        ext.store(_aligned(k), _aligned(v), ids, src, *_pool_args(layer_pool), cfg.bits, cfg.rotate,
+        kernels.store(_aligned(k), _aligned(v), ids, src, *_pool_args(layer_pool), cfg.bits, cfg.rotate,
                   cfg.token_norm)
         return
     ids = torch.as_tensor(page_ids, device=k.device).to(torch.int64)

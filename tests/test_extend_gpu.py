@@ -117,8 +117,8 @@ def test_extend_kernel_matrix(i):
 @pytest.mark.parametrize("i", range(0, len(MATRIX), 12))
 def test_extend_kernel_128_rows(i, monkeypatch):
     # small batches run 64-row CTAs; force the 128-row variant over a slice of the matrix
-    import sglang_oscar.extend as ext
-    monkeypatch.setattr(ext, "WAVE_CTAS", 0)
+    import sglang_oscar.extend as extend_mod
+    monkeypatch.setattr(extend_mod, "WAVE_CTAS", 0)
     P, (Hq, H), D, dtype, bits, prefill = MATRIX[i]
     reqs = [(PREFIXES[(i + j) % 3], CHUNKS[(i + 2 * j) % 5]) for j in range(1 + (i // 12) % 3)]
     check_kernel(reqs, P, Hq, H, D, dtype, bits, METHODS[(i // 12) % 3], prefill, seed=1000 + i)
