@@ -29,7 +29,7 @@ SCRATCH_ELEMS = 1 << 22   # fp32 elements of one block's logits or of its dequan
 @dataclass
 class KeyBlock:
     packed: bool
-    c0: int                     # first column (packed: page index; raw: relative to the row's first)
+    c0: int                     # first column (page index into the packed / raw table)
     n: int                      # columns (pages) in this block
     sub: object                 # query rows involved: a slice (all) or an int64 index
     table: torch.Tensor         # packed: [n_uniq] pool page ids; raw: [n_sub, n] raw page index
@@ -49,37 +49,31 @@ class Plan:
     q_idx: torch.Tensor         # [R, E] flat query index of each row slot (T = padding)
     q_pos: torch.Tensor         # [R, E] absolute position (-1 = padding)
     q_qb: torch.Tensor          # [R, E] quantized boundary
-    raw_base: torch.Tensor      # [R] position of each row's first raw column
+    raw_base: torch.Tensor      # [R] position of the first raw key of each row's request
     out_idx: torch.Tensor       # [T] row slot of each query
     blocks: list = field(default_factory=list)
 
 
-_LUT: dict = {}
-
-
-def _codes_as_float(words: torch.Tensor, bits: int) -> torch.Tensor:
-    """layout.unpack_codes(words, bits).float() in one table lookup per byte: byte j of a word holds
-    codes 4j.. (2 bits) or 2j.. (4 bits), lowest bits first (little-endian), so a 256-entry table of
-    code tuples turns bytes straight into floats. This runs on every needed page of every layer."""
-    key = (bits, words.device)
-    if key not in _LUT:
-        per, byte = 8 // bits, torch.arange(256, dtype=torch.int32)
-        shifts = torch.arange(0, 8, bits, dtype=torch.int32)
-        _LUT[key] = ((byte[:, None] >> shifts) & ((1 << bits) - 1)).float().to(words.device)
-    b = words.contiguous().view(torch.uint8)
-    return _LUT[key].index_select(0, b.flatten().to(torch.int32)).view(*b.shape[:-1], -1)
+def _unpack(words: torch.Tensor, bits: int) -> torch.Tensor:
+    """layout.unpack_codes through bytes: the same codes with 1-byte intermediates (4x less memory
+    traffic than shifting int32 words; this runs on every needed page of every layer and step)."""
+    per = 8 // bits
+    b = words.contiguous().view(torch.uint8)                         # little-endian: code i in byte i // per
+    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=words.device)
+    return ((b.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)).flatten(-2)
 
 
 def _load_pages(pages: dict, bits: int):
     """quant.load_pages (same arithmetic, so the same floats), V left in its stored [N, H, P, D] order."""
+    kc = _unpack(pages["k_codes"], bits)                              # [N, H, G, D * bits * 32 / 8 ...]
     N, H, G, D, _ = pages["k_codes"].shape
-    kc = _codes_as_float(pages["k_codes"], bits).view(N, H, G, D, K_GROUP)
-    k = torch.addcmul(pages["k_zero"].float().unsqueeze(-1), kc, pages["k_scale"].float().unsqueeze(-1))
+    kc = kc.view(N, H, G, D, K_GROUP)
+    k = kc.float() * pages["k_scale"].float().unsqueeze(-1) + pages["k_zero"].float().unsqueeze(-1)
     k = k.permute(0, 2, 4, 1, 3).reshape(N, G * K_GROUP, H, D)
-    vc = _codes_as_float(pages["v_codes"], bits)                       # [N, H, P, D]
+    vc = _unpack(pages["v_codes"], bits)                              # [N, H, P, D]
     P = vc.shape[2]
     vc = vc.view(N, H, P, D // V_GROUP, V_GROUP)
-    v = torch.addcmul(pages["v_zero"].float().unsqueeze(-1), vc, pages["v_scale"].float().unsqueeze(-1))
+    v = vc.float() * pages["v_scale"].float().unsqueeze(-1) + pages["v_zero"].float().unsqueeze(-1)
     return k, pages["k_norm"].float(), v.view(N, H, P, D)
 
 
@@ -174,20 +168,21 @@ def plan(rows, prefix, ext, cfg: OscarConfig, req_to_token: torch.Tensor, Hq: in
                 inv = None           # already in order, nothing shared: no gather
             p.blocks.append(KeyBlock(True, c0, n, sub, uniq.to(dev), None if inv is None else inv.to(dev)))
 
-    # Raw pages: row r sees raw keys from its first query's boundary to its last query, i.e. its
-    # request's raw pages lo_r .. hi_r (page prefill: its own one or two; chunk prefill: all so far).
-    # Raw columns are relative to lo_r, so no row computes logits for raw pages it cannot see.
-    lo = (qb[:, 0] - base[r_req]) // P
+    # Raw pages: row r sees raw keys from its first query's boundary to its last query.
+    first_qb = qb[:, 0]
+    lo = (first_qb - base[r_req]) // P
     hi = (q_pos.gather(1, last[:, None])[:, 0] - base[r_req]) // P       # inclusive
-    width = hi - lo + 1
-    p.raw_base = base[r_req] + lo * P                                     # position of relative column 0
-    for c0 in range(0, int(width.max()), kb):
-        sel = torch.nonzero(width > c0)[:, 0]
-        n = min(kb, int(width[sel].max()) - c0)
+    n_cols = int(hi.max()) + 1
+    for c0 in range(0, n_cols, kb):
+        n = min(kb, n_cols - c0)
+        sel = torch.nonzero((lo < c0 + n) & (hi >= c0))[:, 0]
+        if sel.numel() == 0:
+            continue
         sub = slice(None) if sel.numel() == R else sel
+        c = c0 + torch.arange(n)
         rq = r_req[sel]
-        col = lo[sel][:, None] + c0 + torch.arange(n)[None, :]
-        t = torch.where(col < n_raw_i[rq][:, None], off[rq][:, None] + col, torch.full_like(col, n_raw))
+        t = torch.where(c[None, :] < n_raw_i[rq][:, None], off[rq][:, None] + c[None, :],
+                        torch.full((sel.numel(), n), n_raw))
         p.blocks.append(KeyBlock(False, c0, n, sub, t.to(dev)))
     for name in ("q_idx", "q_pos", "q_qb", "raw_base", "out_idx", "new_dst"):
         setattr(p, name, getattr(p, name).to(dev))
@@ -196,23 +191,6 @@ def plan(rows, prefix, ext, cfg: OscarConfig, req_to_token: torch.Tensor, Hq: in
         if v is not None:
             setattr(p, name, tuple(x.to(dev) for x in v))
     return p
-
-
-def _attend_lse(q, k, v, bias, scale):
-    """(softmax(q k^T * scale + bias) v, natural log-sum-exp) in fp32. On a CPU through torch's CPU flash
-    attention (which returns the lse); elsewhere (the torch path on a GPU the kernels do not serve, and
-    the reference of the GPU tests) by plain matmuls, since that operator exists only for the CPU."""
-    if q.device.type == "cpu":
-        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, attn_mask=bias,
-                                                                          scale=scale)
-    return _attend_lse_matmul(q, k, v, bias, scale)
-
-
-def _attend_lse_matmul(q, k, v, bias, scale):
-    s = torch.matmul(q, k.transpose(-1, -2)) * scale + bias
-    lse = torch.logsumexp(s, dim=-1)
-    w = torch.nan_to_num(torch.exp(s - lse[..., None]))   # a fully masked row: lse -inf, weights 0
-    return torch.matmul(w, v), lse
 
 
 def forward(p: Plan, q, k, v, pages, res_k, res_v, cfg: OscarConfig, sm_scale: float, store_fn):
@@ -243,13 +221,11 @@ def forward(p: Plan, q, k, v, pages, res_k, res_v, cfg: OscarConfig, sm_scale: f
 
     R, E = p.q_idx.shape
     qpad = torch.cat([q, q.new_zeros((1, Hq, D))])[p.q_idx]              # [R, E, Hq, D]
-
-    def heads_major(x):  # [R, E, H, g, D] -> [R, H, E*g, D]: a KV head's query heads as extra query rows
-        return x.view(R, E, H, g, D).permute(0, 2, 1, 3, 4).reshape(R, H, E * g, D)
-    qf = heads_major(qpad.float())
-    qr = heads_major(rotate_queries(qpad, cfg)) if any(b.packed for b in p.blocks) else None
-    lse = torch.full((R, H, E * g), float("-inf"), device=q.device)
-    acc = torch.zeros((R, H, E * g, D), device=q.device)
+    qf = qpad.float().view(R, E, H, g, D)
+    qr = rotate_queries(qpad, cfg).view(R, E, H, g, D) if any(b.packed for b in p.blocks) else None
+    m = torch.full((R, E, H, g), float("-inf"), device=q.device)
+    l = torch.zeros((R, E, H, g), device=q.device)
+    acc = torch.zeros((R, E, H, g, D), device=q.device)
     for b in p.blocks:
         n_sub = p.q_idx[b.sub].shape[0]
         kpos = (b.c0 * P + torch.arange(b.n * P, device=q.device))
@@ -257,28 +233,29 @@ def forward(p: Plan, q, k, v, pages, res_k, res_v, cfg: OscarConfig, sm_scale: f
             kq, norm, vq = _load_pages({f: pages[f][b.table] for f in FIELDS}, cfg.bits)
             if b.inverse is not None:
                 kq, vq, norm = kq[b.inverse], vq[b.inverse], norm[b.inverse]
-            # the norm multiplies the logits, so it can scale the keys: q_rot . (k_hat * norm)
-            keys = (kq.reshape(n_sub, b.n * P, H, D) * norm.reshape(n_sub, b.n * P, 1, 1)).transpose(1, 2)
-            vals = vq.reshape(n_sub, b.n, H, P, D).transpose(1, 2).reshape(n_sub, H, b.n * P, D)
-            qs = qr[b.sub]
+            kq = kq.reshape(n_sub, b.n * P, H, D)
+            vals = vq.reshape(n_sub, b.n, H, P, D)
+            norm = norm.view(n_sub, 1, 1, 1, b.n * P)
+            s = torch.einsum("rehgd,rkhd->rehgk", qr[b.sub], kq) * (norm * sm_scale)
             vis = kpos[None, None, :] < p.q_qb[b.sub][:, :, None]
         else:
-            keys = raw_k[b.table].view(n_sub, b.n * P, H, D).transpose(1, 2).float()
-            vals = raw_v[b.table].view(n_sub, b.n * P, H, D).transpose(1, 2).float()
-            qs = qf[b.sub]
+            kr = raw_k[b.table].view(n_sub, b.n * P, H, D).float()
+            vals = raw_v[b.table].view(n_sub, b.n * P, H, D).float()
+            s = torch.einsum("rehgd,rkhd->rehgk", qf[b.sub], kr) * sm_scale
             kp = p.raw_base[b.sub][:, None, None] + kpos[None, None, :]   # [n_sub, 1, n*P]
             vis = (kp >= p.q_qb[b.sub][:, :, None]) & (kp <= p.q_pos[b.sub][:, :, None])
-        # torch's CPU flash attention, which also returns the log-sum-exp the blocks merge by
-        bias = torch.where(vis[:, :, None, :].expand(n_sub, E, g, b.n * P), 0.0, float("-inf"))
-        o_b, lse_b = _attend_lse(qs, keys.contiguous(), vals.contiguous(), bias.view(n_sub, 1, E * g, b.n * P),
-                                 sm_scale)
-        seen = vis.any(-1)[:, None, :, None].expand(n_sub, H, E, g).reshape(n_sub, H, E * g)
-        lse_b = torch.where(seen, lse_b, float("-inf"))  # the kernel reports 0 for a fully masked row
-        l_old = lse[b.sub]
-        l_new = torch.logaddexp(l_old, lse_b)
-        w_old = torch.nan_to_num(torch.exp(l_old - l_new))   # nan: nothing seen yet on either side
-        w_b = torch.nan_to_num(torch.exp(lse_b - l_new))
-        acc[b.sub] = acc[b.sub] * w_old[..., None] + torch.where(seen[..., None], o_b, 0.0) * w_b[..., None]
-        lse[b.sub] = l_new
-    out = acc.view(R, H, E, g, D).permute(0, 2, 1, 3, 4)
-    return out.reshape(R * E, Hq, D)[p.out_idx]
+        s = s.masked_fill(~vis[:, :, None, None, :], float("-inf"))
+        m_old = m[b.sub]
+        m_new = torch.maximum(m_old, s.amax(-1))
+        m_use = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)  # all masked so far
+        prob = torch.exp(s - m_use[..., None])
+        corr = torch.exp(m_old - m_use)
+        l[b.sub] = l[b.sub] * corr + prob.sum(-1)
+        if b.packed:
+            pv = torch.einsum("rehgnp,rnhpd->rehgd", prob.view(*prob.shape[:-1], b.n, P), vals)
+        else:
+            pv = torch.einsum("rehgk,rkhd->rehgd", prob, vals)
+        acc[b.sub] = acc[b.sub] * corr[..., None] + pv
+        m[b.sub] = m_new
+    out = acc / l.clamp_min(torch.finfo(torch.float32).tiny)[..., None]
+    return out.view(R * E, Hq, D)[p.out_idx]
