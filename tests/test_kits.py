@@ -34,6 +34,10 @@ KNOWN = {
     "MatchedStopMixin.test_finish_stop_eos":
         "INT2 KV noise: on the Llama-format prompt oscar-2 answers '2 + 2 = 4' like bf16, then repeats "
         "'You are a helpful assistant.' instead of emitting EOS, up to the 1,000-token limit",
+    "BasicDecodeCorrectnessMixin.test_color_completion":
+        "INT2 KV noise on a knife edge: the 135M model's greedy answer to the primary-colors question flips "
+        "with the CPU path's fp32 summation order (a batched-path variant that rounded differently answered "
+        "'yellow' and instead flipped the answer to 'What is the capital of France?')",
 }
 
 
