@@ -147,13 +147,24 @@ def refusal(a: argparse.Namespace, cfg: OscarConfig) -> str | None:
     return None
 
 
-def check_model(model_path: str) -> None:
-    """Refuse models OScaR cannot serve, from their config.json (before SGLang loads anything)."""
+def model_config(model_path: str) -> dict | None:
+    """A local model's config.json (None for a hub id or other source SGLang resolves itself)."""
     path = os.path.join(model_path, "config.json")
     if not os.path.isfile(path):
-        return  # a hub id or other source: SGLang resolves it; the pool/backend checks still apply
+        return None
     with open(path) as f:
-        c = json.load(f)
+        return json.load(f)
+
+
+def head_dim_of(c: dict) -> int:
+    return c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
+
+
+def check_model(model_path: str) -> None:
+    """Refuse models OScaR cannot serve, from their config.json (before SGLang loads anything)."""
+    c = model_config(model_path)
+    if c is None:
+        return  # SGLang resolves it; the pool/backend checks still apply
     archs = set(c.get("architectures") or [])
     if "kv_lora_rank" in c or "q_lora_rank" in c:
         raise LaunchError(f"{model_path}: MLA models are not supported by OScaR (MHA/GQA only)")
@@ -164,7 +175,7 @@ def check_model(model_path: str) -> None:
         method = c["quantization_config"].get("quant_method", "?")
         raise LaunchError(f"{model_path}: quantized weights ({method}) are not supported by OScaR "
                           "(the V rotation is folded into v_proj/o_proj, which needs unquantized weights)")
-    head_dim = c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
+    head_dim = head_dim_of(c)
     if not is_power_of_two(head_dim) or head_dim < 32:
         raise LaunchError(f"{model_path}: head_dim {head_dim} is not a power of two >= 32 "
                           "(the per-head Hadamard and 32-channel V groups need one)")
@@ -190,7 +201,9 @@ def additions(cfg: OscarConfig, a: argparse.Namespace, on_cuda: bool) -> list[st
         # Prefill stays eager; decode runs under SGLang's CUDA graphs wherever the kernels serve it.
         from .ops import torch_path_reason
         eager = ["cuda_graph_backend_prefill"]
-        if not on_cuda or torch_path_reason(cfg):
+        c = model_config(a.model_path)
+        # A head_dim outside the kernels' matrix runs decode on the torch path, which cannot be captured.
+        if not on_cuda or torch_path_reason(cfg, head_dim_of(c) if c else None):
             eager.append("cuda_graph_backend_decode")
         for flag in eager:
             if getattr(a, flag) is None:

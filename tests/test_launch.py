@@ -136,3 +136,17 @@ def test_refusal_is_one_clear_message_from_the_cli(llama):
     assert p.stderr.strip().splitlines() == [
         "sglang_oscar: error: speculative decoding (EAGLE) is not supported with OScaR "
         "(draft KV moves copy raw KV bytes)"]
+
+
+@pytest.mark.parametrize("head_dim, graphs", [(64, True), (128, True), (256, False)])
+def test_decode_graphs_only_for_head_dims_the_kernels_serve(tmp_path, monkeypatch, head_dim, graphs):
+    # On a GPU the kernels serve, decode runs under CUDA graphs; a head_dim outside their matrix
+    # decodes on the torch path, which cannot be captured, so the launcher leaves graphs off.
+    from sglang_oscar import launch_server, ops
+    monkeypatch.setattr(launch_server, "cuda_available", lambda: True)
+    monkeypatch.setattr(ops, "unsupported_reason", lambda device=None: None)
+    monkeypatch.delenv("SGLANG_OSCAR_DECODE", raising=False)
+    _, argv = resolve(["--model-path", model_dir(tmp_path, head_dim=head_dim)])
+    args = parse_sglang_args(argv)
+    assert args.cuda_graph_backend_prefill == "disabled"
+    assert (args.cuda_graph_backend_decode is None) == graphs, args.cuda_graph_backend_decode
