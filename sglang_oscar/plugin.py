@@ -10,6 +10,8 @@ the registry only logs failures):
   V rotation     ModelRunner.maybe_apply_post_load_model_transforms -> fold H into v_proj / o_proj
   reporting      build_server_info / scheduler internal state -> config, fingerprint, pool state;
                  Scheduler.emit_metrics_constants -> the pool's Prometheus gauges (--enable-metrics)
+  weight updates SchedulerWeightUpdaterManager's online loads -> refused (400) where V is rotated:
+                 new weights would arrive without the fold
 The hooks are verified where failing stops the launch: the `oscar` backend's factory, below.
 """
 from __future__ import annotations
@@ -33,6 +35,15 @@ T_SERVER_INFO = "sglang.srt.utils.common.build_server_info"
 T_BUDGET = T_CONFIGURATOR + "._profile_available_bytes"
 T_STATE = "sglang.srt.managers.scheduler_components.internal_state.SchedulerInternalStateController._add_memory_usage"
 T_METRICS = "sglang.srt.managers.scheduler.Scheduler.emit_metrics_constants"
+T_UPDATER = "sglang.srt.managers.scheduler_components.weight_updater.SchedulerWeightUpdaterManager"
+# Online weight loads (the session-based tensor/distributed loads all start at begin_weight_update),
+# each with the reply type its endpoint turns into a 400 on success=False.
+WEIGHT_UPDATES = {"update_weights_from_disk": "UpdateWeightFromDiskReqOutput",
+                  "update_weights_from_ipc": "UpdateWeightsFromIPCReqOutput",
+                  "begin_weight_update": "BeginWeightUpdateReqOutput"}
+WEIGHT_UPDATE_REFUSAL = ("OScaR folded the V Hadamard rotation into v_proj/o_proj when the model loaded; "
+                         "weights loaded online would be unfolded and the server would answer wrongly. "
+                         "Restart the server with the new weights.")
 SCHEDULER_HOOKS = (T_POOL_CLASS, T_POOL_BUILD, T_SIZING, T_FUSED, T_POST_LOAD)
 
 
@@ -69,6 +80,9 @@ def register() -> None:
     HookRegistry.register(T_SERVER_INFO, _server_info, HookType.AFTER)
     HookRegistry.register(T_STATE, _internal_state, HookType.AFTER)
     HookRegistry.register(T_METRICS, _metrics, HookType.AFTER)
+    if cfg.rotate:
+        for name, reply in WEIGHT_UPDATES.items():
+            HookRegistry.register(f"{T_UPDATER}.{name}", _refuse_weight_update(reply), HookType.REPLACE)
 
 
 # ---- hooks -----------------------------------------------------------------------------------
@@ -133,6 +147,16 @@ def _fold_v(result, runner, *args, **kwargs):
                            "(supported: Llama/Qwen2/Qwen3/Mistral-family models)")
     runner._oscar_v_folded = True
     logger.info("OScaR: folded the V Hadamard into v_proj/o_proj of %d layers", n)
+
+
+def _refuse_weight_update(reply: str):
+    def refuse(*args, **kwargs):
+        from sglang.srt.managers import io_struct
+        fields = {"success": False, "message": WEIGHT_UPDATE_REFUSAL}
+        if reply == "UpdateWeightFromDiskReqOutput":
+            fields["num_paused_requests"] = 0
+        return getattr(io_struct, reply)(**fields)
+    return refuse
 
 
 def _torch():
@@ -298,7 +322,10 @@ def verify_hooks(runner) -> None:
         raise RuntimeError(f"the oscar backend needs the OScaR KV pool, got {type(pool).__name__} "
                            "(the plugin's pool hook did not take effect)")
     missing = []
-    for target in SCHEDULER_HOOKS:
+    targets = list(SCHEDULER_HOOKS)
+    if current().rotate:
+        targets += [f"{T_UPDATER}.{name}" for name in WEIGHT_UPDATES]
+    for target in targets:
         mod, attr = target.rsplit(".", 1)
         fn = getattr(pkgutil.resolve_name(mod), attr)
         if not hasattr(fn, "__wrapped__"):

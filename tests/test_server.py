@@ -247,6 +247,20 @@ def test_malformed_requests_get_4xx_and_server_lives(oscar):
     assert "Paris" in r["choices"][0]["message"]["content"]
 
 
+def test_online_weight_updates_are_refused_and_server_lives(oscar, default_model_dir):
+    # The V rotation is folded into v_proj/o_proj once, at load; SGLang's online loads would bring
+    # unfolded weights (for the same checkpoint as much as for a new one) and wrong answers.
+    before = oscar.generate([1, 2, 3, 4, 5, 6, 7, 8], max_new_tokens=8)["output_ids"]
+    for path, body in (("/update_weights_from_disk", {"model_path": default_model_dir}),
+                       ("/begin_weight_update", {})):
+        r = requests.post(oscar.url + path, json=body, timeout=120)
+        assert r.status_code == 400, (path, r.status_code, r.text)
+        assert not r.json()["success"] and "V Hadamard rotation" in r.json()["message"], r.text
+    assert oscar.generate([1, 2, 3, 4, 5, 6, 7, 8], max_new_tokens=8)["output_ids"] == before
+    r = oscar.chat([{"role": "user", "content": "What is the capital of France?"}])
+    assert "Paris" in r["choices"][0]["message"]["content"]
+
+
 def test_idle_server_does_not_spin(oscar):
     # SGLang's scheduler busy-polls a core while idle unless --sleep-on-idle, which the launcher sets on
     # a CPU: otherwise a second server, or the client, gets half a 2-core machine.
