@@ -12,7 +12,8 @@ A profile of where a decode step's time goes follows (in-process, same thread co
 the model's weight matmuls at batch 1 in bf16 and fp32, and one step of attention over 1k tokens for
 all layers (oscar's batched torch path vs SDPA over bf16 K/V).
 
-    python bench/cpu_speed.py          # -> bench/results/cpu_speed.json, cpu_speed.png
+    python bench/cpu_speed.py              # -> bench/results/cpu_speed.json, cpu_speed.png
+    python bench/cpu_speed.py --plot-only  # redraw the PNG from the JSON
 """
 from __future__ import annotations
 
@@ -163,18 +164,20 @@ def plot(res, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     metrics = [("prefill_tok_s_total", "prefill tok/s (total)"), ("decode_tok_s_per_stream", "decode tok/s per stream"),
                ("decode_tok_s_total", "decode tok/s (total)")]
-    for ax, streams in zip(axes, (1, 8)):
-        names = list(res["servers"])
-        for j, (key, label) in enumerate(metrics):
-            vals = [next(r[key] or 0 for r in res["servers"][n]["levels"] if r["streams"] == streams) for n in names]
-            ax.bar([i + j * 0.27 for i in range(len(names))], vals, width=0.27, label=label)
-        ax.set_xticks([i + 0.27 for i in range(len(names))], names)
-        ax.set_title(f"{streams} stream(s), {res['settings']['context_tokens']}-token context")
-        ax.legend(fontsize=7)
-    fig.suptitle("SGLang CPU engine: bf16 vs oscar-2 (same launcher, one run)")
+    names = list(res["servers"])
+    levels = sorted({r["streams"] for n in names for r in res["servers"][n]["levels"]})
+    fig, axes = plt.subplots(1, len(metrics), figsize=(12, 4))
+    for ax, (key, label) in zip(axes, metrics):   # one panel per metric: each on its own scale
+        for j, n in enumerate(names):
+            vals = [next(r[key] or 0 for r in res["servers"][n]["levels"] if r["streams"] == s) for s in levels]
+            ax.bar([i + j * 0.4 for i in range(len(levels))], vals, width=0.4, label=n)
+        ax.set_xticks([i + 0.2 for i in range(len(levels))], [f"{s} stream(s)" for s in levels])
+        ax.set_title(label)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"SGLang CPU engine, {res['settings']['context_tokens']}-token context: bf16 vs oscar-2 "
+                 "(same launcher, one run)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -189,7 +192,11 @@ def main():
     ap.add_argument("--extra", nargs="*", default=[], help="more SGLang flags for both servers")
     ap.add_argument("--no-profile", action="store_true")
     ap.add_argument("--out", default=str(RESULTS / "cpu_speed.json"))
+    ap.add_argument("--plot-only", action="store_true", help="redraw the PNG from the --out JSON")
     args = ap.parse_args()
+    if args.plot_only:
+        plot(json.loads(Path(args.out).read_text()), Path(args.out).with_suffix(".png"))
+        return
     t0 = time.time()
     logs = Path(tempfile.mkdtemp(prefix="cpu-speed-"))
     servers = {n: Server(["--oscar-kv-budget-gb", str(args.budget_gb), *a, *args.extra],
