@@ -24,16 +24,20 @@ from .quant import rotate_queries
 
 QUERY_ROW = 64            # query tokens of one request per row
 SCRATCH_ELEMS = 1 << 22   # fp32 elements of one block's logits or of its dequantized K (about 16 MB)
+CAUSAL_PAGES = 4          # packed pages per key block when a step has many query rows (causal skipping)
 
 
 @dataclass
 class KeyBlock:
     packed: bool
-    c0: int                     # first column (page index into the packed / raw table)
+    c0: int                     # first column (packed: page index of the request; raw: relative to pos0)
     n: int                      # columns (pages) in this block
     sub: object                 # query rows involved: a slice (all) or an int64 index
     table: torch.Tensor         # packed: [n_uniq] pool page ids; raw: [n_sub, n] raw page index
     inverse: torch.Tensor | None = None  # packed: [n_sub, n] index into the dequantized pages (None: in order)
+    groups: list | None = None  # packed, rows of one request together: [(rows, index into table or
+                                # None: all of it in order, pages)] per request; keys not copied per row
+    pos0: torch.Tensor | None = None     # raw: [n_sub] position of column 0 of each row's table
 
 
 @dataclass
@@ -49,7 +53,6 @@ class Plan:
     q_idx: torch.Tensor         # [R, E] flat query index of each row slot (T = padding)
     q_pos: torch.Tensor         # [R, E] absolute position (-1 = padding)
     q_qb: torch.Tensor          # [R, E] quantized boundary
-    raw_base: torch.Tensor      # [R] position of the first raw key of each row's request
     out_idx: torch.Tensor       # [T] row slot of each query
     blocks: list = field(default_factory=list)
 
@@ -138,14 +141,18 @@ def plan(rows, prefix, ext, cfg: OscarConfig, req_to_token: torch.Tensor, Hq: in
     out_idx = (torch.arange(r_req.numel())[:, None] * E + torch.arange(E)[None, :])[valid]
 
     p = Plan(P=P, T=T, rows=rows_t, n_raw=n_raw, new_dst=new_dst, res=res, store=store, tail=tail,
-             q_idx=q_idx, q_pos=q_pos, q_qb=qb, raw_base=base[r_req], out_idx=out_idx)
+             q_idx=q_idx, q_pos=q_pos, q_qb=qb, out_idx=out_idx)
     R = r_req.numel()
     if R == 0:
         return p
     Hq, H, D = Hq or 32, H or 8, D or 128
-    # pages per block: logits [n_sub, E, Hq, n*P] and dequantized K [n_sub, n*P, H, D] within the bound
+    # pages per block: logits [n_sub, E, Hq, n*P] and dequantized K [n_sub, n*P, H, D] within the bound;
+    # with many query rows, blocks of at most CAUSAL_PAGES pages, so rows skip the pages past their
+    # boundary (a prompt's first rows see few packed pages, its last rows all of them)
     per_page = R * P * max(E * Hq, H * D)
     kb = max(1, SCRATCH_ELEMS // per_page)
+    if R > 1 and E > 1:
+        kb = min(kb, CAUSAL_PAGES)
 
     # Packed pages: row r needs columns below its last query's boundary.
     last = valid.sum(1) - 1
@@ -158,6 +165,25 @@ def plan(rows, prefix, ext, cfg: OscarConfig, req_to_token: torch.Tensor, Hq: in
             n = min(kb, n_packed - c0)
             sel = torch.nonzero(need > c0)[:, 0]
             sub = slice(None) if sel.numel() == R else sel
+            one = bool((r_req[sel] == r_req[sel[0]]).all())
+            if one or E > 1:
+                # prefill rows: the rows of a request read the same pages, so keys go per request,
+                # not per row; pages shared by requests are still dequantized once
+                groups, tabs = [], []
+                for u in (r_req[sel[:1]] if one else torch.unique(r_req[sel])):
+                    mine = sel if one else sel[r_req[sel] == u]
+                    nu = min(n, int(need[mine].max()) - c0)
+                    tabs.append(req_table[u, c0:c0 + nu])
+                    groups.append([sub if one else mine.to(dev), None, nu])
+                if len(groups) == 1:     # a request's own pages are distinct: read them in order
+                    uniq = tabs[0]
+                else:
+                    uniq, inv = torch.unique(torch.cat(tabs), return_inverse=True)
+                    for g_, idx in zip(groups, torch.split(inv, [g_[2] for g_ in groups])):
+                        g_[1] = idx.to(dev)
+                p.blocks.append(KeyBlock(True, c0, max(g_[2] for g_ in groups), sub, uniq.to(dev),
+                                         groups=[tuple(g_) for g_ in groups]))
+                continue
             c = c0 + torch.arange(n)
             t = req_table[r_req[sel]][:, c0:c0 + n]
             t = torch.where(c[None, :] < need[sel][:, None], t, torch.full_like(t, -1))
@@ -168,23 +194,23 @@ def plan(rows, prefix, ext, cfg: OscarConfig, req_to_token: torch.Tensor, Hq: in
                 inv = None           # already in order, nothing shared: no gather
             p.blocks.append(KeyBlock(True, c0, n, sub, uniq.to(dev), None if inv is None else inv.to(dev)))
 
-    # Raw pages: row r sees raw keys from its first query's boundary to its last query.
+    # Raw pages: row r sees raw keys from its first query's boundary (raw page lo_r of its request)
+    # to its last query (raw page hi_r); its table starts at lo_r, so a prompt's rows each read only
+    # their own page(s) of raw keys.
     first_qb = qb[:, 0]
     lo = (first_qb - base[r_req]) // P
     hi = (q_pos.gather(1, last[:, None])[:, 0] - base[r_req]) // P       # inclusive
-    n_cols = int(hi.max()) + 1
+    span = hi - lo + 1
+    n_cols = int(span.max())
     for c0 in range(0, n_cols, kb):
         n = min(kb, n_cols - c0)
-        sel = torch.nonzero((lo < c0 + n) & (hi >= c0))[:, 0]
-        if sel.numel() == 0:
-            continue
+        sel = torch.nonzero(span > c0)[:, 0]
         sub = slice(None) if sel.numel() == R else sel
-        c = c0 + torch.arange(n)
         rq = r_req[sel]
-        t = torch.where(c[None, :] < n_raw_i[rq][:, None], off[rq][:, None] + c[None, :],
-                        torch.full((sel.numel(), n), n_raw))
-        p.blocks.append(KeyBlock(False, c0, n, sub, t.to(dev)))
-    for name in ("q_idx", "q_pos", "q_qb", "raw_base", "out_idx", "new_dst"):
+        c = lo[sel][:, None] + c0 + torch.arange(n)[None, :]               # [n_sub, n] raw page of the request
+        t = torch.where(c <= hi[sel][:, None], off[rq][:, None] + c, torch.full_like(c, n_raw))
+        p.blocks.append(KeyBlock(False, c0, n, sub, t.to(dev), pos0=(base[rq] + lo[sel] * P).to(dev)))
+    for name in ("q_idx", "q_pos", "q_qb", "out_idx", "new_dst"):
         setattr(p, name, getattr(p, name).to(dev))
     for name in ("res", "store", "tail"):
         v = getattr(p, name)
@@ -220,42 +246,58 @@ def forward(p: Plan, q, k, v, pages, res_k, res_v, cfg: OscarConfig, sm_scale: f
         return q.new_zeros((0, Hq, D), dtype=torch.float32)
 
     R, E = p.q_idx.shape
+    # Head-major throughout ([H, rows, E, g, ...]): every einsum below is a plain batched matmul over
+    # H (or H x rows) whose result needs no permuting copy; the scale is folded into the queries and
+    # the omni norm into the keys (a [keys, H, D] product instead of one over every logit).
     qpad = torch.cat([q, q.new_zeros((1, Hq, D))])[p.q_idx]              # [R, E, Hq, D]
-    qf = qpad.float().view(R, E, H, g, D)
-    qr = rotate_queries(qpad, cfg).view(R, E, H, g, D) if any(b.packed for b in p.blocks) else None
-    m = torch.full((R, E, H, g), float("-inf"), device=q.device)
-    l = torch.zeros((R, E, H, g), device=q.device)
-    acc = torch.zeros((R, E, H, g, D), device=q.device)
+    qf = (qpad.float() * sm_scale).view(R, E, H, g, D).permute(2, 0, 1, 3, 4).contiguous()
+    qr = None
+    if any(b.packed for b in p.blocks):
+        qr = (rotate_queries(qpad, cfg) * sm_scale).view(R, E, H, g, D).permute(2, 0, 1, 3, 4).contiguous()
+    m = torch.full((H, R, E, g), float("-inf"), device=q.device)
+    l = torch.zeros((H, R, E, g), device=q.device)
+    acc = torch.zeros((H, R, E, g, D), device=q.device)
+
+    def update(sub, s, vis, pv):
+        """Online-softmax step of rows `sub` over one block's logits s [H, n_sub, E, g, K] (visible
+        where vis [n_sub, E, K]); pv(prob) -> [H, n_sub, E, g, D]."""
+        s.masked_fill_(~vis[None, :, :, None, :], float("-inf"))
+        m_old = m[:, sub]
+        m_new = torch.maximum(m_old, s.amax(-1))
+        m_use = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)  # all masked so far
+        prob = s.sub_(m_use[..., None]).exp_()                          # in place: s is not needed again
+        corr = torch.exp(m_old - m_use)
+        l[:, sub] = l[:, sub] * corr + prob.sum(-1)
+        acc[:, sub] = acc[:, sub] * corr[..., None] + pv(prob)
+        m[:, sub] = m_new
+
     for b in p.blocks:
         n_sub = p.q_idx[b.sub].shape[0]
         kpos = (b.c0 * P + torch.arange(b.n * P, device=q.device))
         if b.packed:
             kq, norm, vq = _load_pages({f: pages[f][b.table] for f in FIELDS}, cfg.bits)
+            kq = kq * norm[:, :, None, None]                                # [n, P, H, D]
+            if b.groups is not None:
+                for sub, idx, nu in b.groups:
+                    kg, vg = (kq, vq) if idx is None else (kq[idx], vq[idx])
+                    s = torch.einsum("hregd,khd->hregk", qr[:, sub], kg.reshape(nu * P, H, D))
+                    vg = vg.permute(1, 0, 2, 3).reshape(H, nu * P, D)
+                    update(sub, s, kpos[None, None, :nu * P] < p.q_qb[sub][:, :, None],
+                           lambda prob, vg=vg: torch.einsum("hregk,hkd->hregd", prob, vg))
+                continue
             if b.inverse is not None:
-                kq, vq, norm = kq[b.inverse], vq[b.inverse], norm[b.inverse]
+                kq, vq = kq[b.inverse], vq[b.inverse]
             kq = kq.reshape(n_sub, b.n * P, H, D)
             vals = vq.reshape(n_sub, b.n, H, P, D)
-            norm = norm.view(n_sub, 1, 1, 1, b.n * P)
-            s = torch.einsum("rehgd,rkhd->rehgk", qr[b.sub], kq) * (norm * sm_scale)
-            vis = kpos[None, None, :] < p.q_qb[b.sub][:, :, None]
+            s = torch.einsum("hregd,rkhd->hregk", qr[:, b.sub], kq)
+            update(b.sub, s, kpos[None, None, :] < p.q_qb[b.sub][:, :, None],
+                   lambda prob: torch.einsum("hregnp,rnhpd->hregd", prob.view(*prob.shape[:-1], b.n, P), vals))
         else:
             kr = raw_k[b.table].view(n_sub, b.n * P, H, D).float()
             vals = raw_v[b.table].view(n_sub, b.n * P, H, D).float()
-            s = torch.einsum("rehgd,rkhd->rehgk", qf[b.sub], kr) * sm_scale
-            kp = p.raw_base[b.sub][:, None, None] + kpos[None, None, :]   # [n_sub, 1, n*P]
-            vis = (kp >= p.q_qb[b.sub][:, :, None]) & (kp <= p.q_pos[b.sub][:, :, None])
-        s = s.masked_fill(~vis[:, :, None, None, :], float("-inf"))
-        m_old = m[b.sub]
-        m_new = torch.maximum(m_old, s.amax(-1))
-        m_use = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)  # all masked so far
-        prob = torch.exp(s - m_use[..., None])
-        corr = torch.exp(m_old - m_use)
-        l[b.sub] = l[b.sub] * corr + prob.sum(-1)
-        if b.packed:
-            pv = torch.einsum("rehgnp,rnhpd->rehgd", prob.view(*prob.shape[:-1], b.n, P), vals)
-        else:
-            pv = torch.einsum("rehgk,rkhd->rehgd", prob, vals)
-        acc[b.sub] = acc[b.sub] * corr[..., None] + pv
-        m[b.sub] = m_new
-    out = acc / l.clamp_min(torch.finfo(torch.float32).tiny)[..., None]
-    return out.view(R * E, Hq, D)[p.out_idx]
+            s = torch.einsum("hregd,rkhd->hregk", qf[:, b.sub], kr)
+            kp = b.pos0[:, None, None] + kpos[None, None, :]               # [n_sub, 1, n*P]
+            update(b.sub, s, (kp >= p.q_qb[b.sub][:, :, None]) & (kp <= p.q_pos[b.sub][:, :, None]),
+                   lambda prob: torch.einsum("hregk,rkhd->hregd", prob, vals))
+    out = (acc / l.clamp_min(torch.finfo(torch.float32).tiny)[..., None]).permute(1, 2, 0, 3, 4)
+    return out.reshape(R * E, Hq, D)[p.out_idx]
