@@ -24,7 +24,6 @@ from .quant import rotate_queries
 
 QUERY_ROW = 64            # query tokens of one request per row
 SCRATCH_ELEMS = 1 << 22   # fp32 elements of one block's logits or of its dequantized K (about 16 MB)
-CAUSAL_PAGES = 4          # packed pages per key block when a step has many query rows (causal skipping)
 
 
 @dataclass
@@ -146,13 +145,12 @@ def plan(rows, prefix, ext, cfg: OscarConfig, req_to_token: torch.Tensor, Hq: in
     if R == 0:
         return p
     Hq, H, D = Hq or 32, H or 8, D or 128
-    # pages per block: logits [n_sub, E, Hq, n*P] and dequantized K [n_sub, n*P, H, D] within the bound;
-    # with many query rows, blocks of at most CAUSAL_PAGES pages, so rows skip the pages past their
-    # boundary (a prompt's first rows see few packed pages, its last rows all of them)
+    # pages per block: logits [n_sub, E, Hq, n*P] and dequantized K [n_sub, n*P, H, D] within the bound.
+    # (Smaller blocks would let a prompt's early rows skip more pages, but each block boundary is an
+    # online-softmax merge that rounds differently, and greedy answers on knife-edge prompts follow
+    # such roundings: for a 1k-token prompt the saving was under 10 %.)
     per_page = R * P * max(E * Hq, H * D)
     kb = max(1, SCRATCH_ELEMS // per_page)
-    if R > 1 and E > 1:
-        kb = min(kb, CAUSAL_PAGES)
 
     # Packed pages: row r needs columns below its last query's boundary.
     last = valid.sum(1) - 1
@@ -247,13 +245,14 @@ def forward(p: Plan, q, k, v, pages, res_k, res_v, cfg: OscarConfig, sm_scale: f
 
     R, E = p.q_idx.shape
     # Head-major throughout ([H, rows, E, g, ...]): every einsum below is a plain batched matmul over
-    # H (or H x rows) whose result needs no permuting copy; the scale is folded into the queries and
-    # the omni norm into the keys (a [keys, H, D] product instead of one over every logit).
+    # H (or H x rows) whose result needs no permuting copy. The logits are scaled after the product,
+    # as the spec does (folding scale or norm into q or k would round differently, and the server's
+    # greedy answers on knife-edge prompts follow such roundings).
     qpad = torch.cat([q, q.new_zeros((1, Hq, D))])[p.q_idx]              # [R, E, Hq, D]
-    qf = (qpad.float() * sm_scale).view(R, E, H, g, D).permute(2, 0, 1, 3, 4).contiguous()
+    qf = qpad.float().view(R, E, H, g, D).permute(2, 0, 1, 3, 4).contiguous()
     qr = None
     if any(b.packed for b in p.blocks):
-        qr = (rotate_queries(qpad, cfg) * sm_scale).view(R, E, H, g, D).permute(2, 0, 1, 3, 4).contiguous()
+        qr = rotate_queries(qpad, cfg).view(R, E, H, g, D).permute(2, 0, 1, 3, 4).contiguous()
     m = torch.full((H, R, E, g), float("-inf"), device=q.device)
     l = torch.zeros((H, R, E, g), device=q.device)
     acc = torch.zeros((H, R, E, g, D), device=q.device)
@@ -276,26 +275,28 @@ def forward(p: Plan, q, k, v, pages, res_k, res_v, cfg: OscarConfig, sm_scale: f
         kpos = (b.c0 * P + torch.arange(b.n * P, device=q.device))
         if b.packed:
             kq, norm, vq = _load_pages({f: pages[f][b.table] for f in FIELDS}, cfg.bits)
-            kq = kq * norm[:, :, None, None]                                # [n, P, H, D]
+            kscale = norm * sm_scale                                       # [n, P]
             if b.groups is not None:
                 for sub, idx, nu in b.groups:
-                    kg, vg = (kq, vq) if idx is None else (kq[idx], vq[idx])
+                    kg, vg, kg_scale = (kq, vq, kscale) if idx is None else (kq[idx], vq[idx], kscale[idx])
                     s = torch.einsum("hregd,khd->hregk", qr[:, sub], kg.reshape(nu * P, H, D))
+                    s.mul_(kg_scale.view(1, 1, 1, 1, nu * P))
                     vg = vg.permute(1, 0, 2, 3).reshape(H, nu * P, D)
                     update(sub, s, kpos[None, None, :nu * P] < p.q_qb[sub][:, :, None],
                            lambda prob, vg=vg: torch.einsum("hregk,hkd->hregd", prob, vg))
                 continue
             if b.inverse is not None:
-                kq, vq = kq[b.inverse], vq[b.inverse]
+                kq, vq, kscale = kq[b.inverse], vq[b.inverse], kscale[b.inverse]
             kq = kq.reshape(n_sub, b.n * P, H, D)
             vals = vq.reshape(n_sub, b.n, H, P, D)
             s = torch.einsum("hregd,rkhd->hregk", qr[:, b.sub], kq)
+            s.mul_(kscale.view(1, n_sub, 1, 1, b.n * P))
             update(b.sub, s, kpos[None, None, :] < p.q_qb[b.sub][:, :, None],
                    lambda prob: torch.einsum("hregnp,rnhpd->hregd", prob.view(*prob.shape[:-1], b.n, P), vals))
         else:
             kr = raw_k[b.table].view(n_sub, b.n * P, H, D).float()
             vals = raw_v[b.table].view(n_sub, b.n * P, H, D).float()
-            s = torch.einsum("hregd,rkhd->hregk", qf[:, b.sub], kr)
+            s = torch.einsum("hregd,rkhd->hregk", qf[:, b.sub], kr).mul_(sm_scale)
             kp = b.pos0[:, None, None] + kpos[None, None, :]               # [n_sub, 1, n*P]
             update(b.sub, s, (kp >= p.q_qb[b.sub][:, :, None]) & (kp <= p.q_pos[b.sub][:, :, None]),
                    lambda prob: torch.einsum("hregk,rkhd->hregd", prob, vals))
