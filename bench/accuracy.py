@@ -8,6 +8,18 @@ raw (bf16) tail, so prefix sharing, cache hits and decode are incremental, as in
     python bench/accuracy.py            # the full study -> bench/results/accuracy.{json,png}
     python bench/accuracy.py --quick    # a small smoke run (written to the temp dir)
     python bench/accuracy.py --resume   # continue an interrupted run from its JSON
+    python bench/accuracy.py --attention backend --device cuda   # oscar-2/-4 (page 64) through the
+        # serving backend (CUDA kernels) -> bench/results/accuracy_kernels_h200.json (on an H200),
+        # each metric next to the reference row of accuracy.json and the difference
+    python bench/accuracy.py --quick --rows oscar-2-64,oscar-4-64   # then the same with
+        # --attention backend: a quick reference run, and the backend run compared with it
+
+--attention backend sends every attention call through the real serving backend instead
+(backend.OscarAttnBackend.detached over a fake paged pool, driven with fake ForwardBatches as
+SGLang drives it: init_forward_metadata per forward, forward_extend / forward_decode per layer): the
+CUDA store, extend and decode kernels on a GPU that runs them, the batched torch path elsewhere. The
+semantics are the reference's (page prefill; passkey trials reuse the base prompt's pages as a
+radix hit), so its rows should match the reference rows up to rounding.
 
 Results are rewritten after every finished piece, so a long run can be read while it goes on.
 """
@@ -21,6 +33,8 @@ import math
 import os
 import platform
 import random
+import re
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -35,10 +49,15 @@ from sglang_oscar.quant import store_pages
 from sglang_oscar.reference import attend, boundaries
 
 RESULTS = Path(__file__).resolve().parent / "results"
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+import fake_sglang  # noqa: E402  (tests/fake_sglang.py: the fakes every driver of the detached backend uses)
+
 ATTN = "oscar_bench"
 BLOCK = 512  # query block: keys past a block's last query are never scored (block-causal)
 MAIN_ROWS = [("bf16", 2, 64), ("kivi", 2, 64), ("quarot", 2, 64), ("oscar", 2, 64),
              ("oscar", 4, 64), ("oscar", 2, 32), ("oscar", 2, 128), ("kivi", 4, 64), ("quarot", 4, 64)]
+BACKEND_ROWS = "oscar-2-64,oscar-4-64"  # --attention backend's default rows (the issue's two)
+PPL_TOLERANCE = 0.05  # backend vs reference perplexity: "within noise" (the issue's bar)
 # Real long-form English text that ships with every Debian system (package base-files).
 TEXT_DIR = Path("/usr/share/common-licenses")
 TEXT_DOCS = ["GPL-3", "LGPL-2.1", "MPL-1.1", "GFDL-1.3", "GPL-2", "MPL-2.0", "GPL-1", "Apache-2.0"]
@@ -93,6 +112,9 @@ class Step:
     positions: list          # per request: LongTensor [T]
     prefix_lens: list        # per request: tokens already cached (decides qb in "chunk" mode)
     keep_raw: bool = False   # keep raw K/V below the packed boundary (the chunk-mode study)
+    backend: object = None   # --attention backend: the OscarAttnBackend and this forward's fake batch
+    batch: object = None
+    decode: bool = False     # a decode step (forward_decode), else an extend (forward_extend)
 
 
 STEP: Step | None = None
@@ -141,6 +163,8 @@ def extend(lc: LayerCache, q, k, v, pos, prefix_len, cfg: OscarConfig, scale, ke
 def oscar_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """transformers attention function: query [B, Hq, T, D], key/value [B, H, T, D] (post-RoPE)."""
     st = STEP
+    if st.backend is not None:
+        return backend_attention(st, module.layer_idx, query, key, value, scaling)
     outs = []
     for i, req in enumerate(st.requests):
         lc = req.layers[module.layer_idx]
@@ -152,10 +176,99 @@ def oscar_attention(module, query, key, value, attention_mask, scaling=None, dro
 AttentionInterface.register(ATTN, oscar_attention)
 
 
+# ---- --attention backend: the serving backend over a fake pool ----------------------------------
+class BackendPool:
+    """SGLang's side of the oscar backend for one config: a paged pool, req_to_token rows, a page
+    allocator whose pages are reference-counted (a radix hit shares its prefix's pages), and the
+    detached backend. Row 0 and page 0 are never handed out (SGLang's padding row and sink page)."""
+
+    def __init__(self, cfg, mc, device, max_requests, max_tokens):
+        from sglang_oscar.backend import OscarAttnBackend, decode_kernels_usable
+        P = self.P = cfg.page_size
+        Hq, H, D = mc.num_attention_heads, mc.num_key_value_heads, mc.head_dim
+        rows, pages_per_row = max_requests + 1, -(-max_tokens // P)
+        num_pages = 1 + max_requests * pages_per_row  # enough even if nothing were shared
+        self.pool = fake_sglang.FakePool(mc.num_hidden_layers, num_pages, rows, P, H, D, cfg.bits,
+                                         torch.bfloat16, device)
+        self.req_to_token = torch.zeros((rows, pages_per_row * P), dtype=torch.int32, device=device)
+        self.use_kernels = decode_kernels_usable(device, cfg, D)
+        self.backend = OscarAttnBackend.detached(cfg, self.pool, self.req_to_token, device, self.use_kernels,
+                                                 (Hq, H, D, torch.bfloat16))
+        # SGLang's req_generation: lets the backend refuse a mid-page prefix on a row given out anew
+        self.generation = self.backend.req_to_token_pool.req_generation = torch.zeros(rows, dtype=torch.int64)
+        self.free_rows, self.free_pages = list(range(rows - 1, 0, -1)), list(range(num_pages - 1, 0, -1))
+        self.refs = [0] * num_pages
+
+    def take_row(self):
+        if not self.free_rows:
+            raise RuntimeError("fake pool: out of request rows (Study sizes it for the largest batch)")
+        row = self.free_rows.pop()
+        self.generation[row] += 1
+        return row
+
+    def map_pages(self, req, pages):
+        """Append pool pages to a request: its next token slots are page * P + 0..P-1."""
+        j, P = len(req.pages), self.P
+        slots = torch.tensor(pages, dtype=torch.int32)[:, None] * P + torch.arange(P, dtype=torch.int32)
+        self.req_to_token[req.row, j * P:(j + len(pages)) * P] = slots.flatten().to(self.req_to_token.device)
+        for p in pages:
+            self.refs[p] += 1
+        req.pages += pages
+
+    def grow(self, req, n_tokens):
+        """Slots for a request's first n_tokens, allocated before the forward as SGLang does."""
+        n = -(-n_tokens // self.P) - len(req.pages)
+        if n > len(self.free_pages):
+            raise RuntimeError("fake pool: out of pages (Study sizes it for its longest prompts)")
+        if n > 0:
+            self.map_pages(req, [self.free_pages.pop() for _ in range(n)])
+
+    def release(self, req):
+        for p in req.pages:
+            self.refs[p] -= 1
+            if self.refs[p] == 0:
+                self.free_pages.append(p)
+        self.free_rows.append(req.row)
+
+
+class BackendRequest:
+    """Request's counterpart in backend mode: a row of the pool and the pages it maps."""
+
+    def __init__(self, bp):
+        self.bp, self.row, self.pages, self.length = bp, bp.take_row(), [], 0
+
+    def prefix(self, n_tokens, cfg):
+        """A new request holding what the radix tree would give it: the first n_tokens // P whole
+        pages, the same pool pages (a cache hit; nothing copied or re-packed)."""
+        r = BackendRequest(self.bp)
+        n = n_tokens // cfg.page_size
+        if n:
+            self.bp.map_pages(r, self.pages[:n])
+        r.length = n * cfg.page_size
+        return r
+
+    def __del__(self):  # the study drops requests by letting go of them: free their row and pages then
+        self.bp.release(self)
+
+
+def backend_attention(st, layer_id, query, key, value, scaling):
+    """One layer through the backend: the batch's tokens flat, request after request (SGLang's
+    layout for both extend and decode), out [B, T, Hq, D]."""
+    B, Hq, T, D = query.shape
+    flat = lambda x: x.transpose(1, 2).reshape(B * T, -1)  # noqa: E731
+    layer = fake_sglang.fake_layer(layer_id, Hq, key.shape[1], D, scaling)
+    run = st.backend.forward_decode if st.decode else st.backend.forward_extend
+    out = run(flat(query), flat(key).to(torch.bfloat16), flat(value).to(torch.bfloat16), layer, st.batch)
+    return out.view(B, T, Hq, D).to(query.dtype), None
+
+
 # ---- running the model ------------------------------------------------------------------------
 class Engine:
-    def __init__(self, model_dir, device="cpu"):
+    def __init__(self, model_dir, device="cpu", attention="reference"):
         self.device = torch.device(device)
+        self.attention = attention
+        self.capacity = None   # backend mode: (most live requests, most tokens of one), set by Study
+        self._pool = None      # backend mode: (cfg, BackendPool) of the config running now
         self.tok = AutoTokenizer.from_pretrained(model_dir)
         plain = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).eval().to(self.device)
         plain.set_attn_implementation(ATTN)
@@ -169,13 +282,31 @@ class Engine:
     def model(self, cfg):
         return self.models[cfg.rotate]
 
+    def backend_pool(self, cfg):
+        if self._pool is None or self._pool[0] != cfg:  # one config at a time: the last one's pool goes
+            self._pool = None
+            self._pool = (cfg, BackendPool(cfg, self.models[False].config, self.device, *self.capacity))
+        return self._pool[1]
+
     @torch.no_grad()
-    def forward(self, cfg, reqs, ids, prefix_lens=None, keep_raw=False, hidden=False):
-        """Run token lists `ids` (one per request, equal lengths) after each request's cached tokens."""
+    def forward(self, cfg, reqs, ids, prefix_lens=None, keep_raw=False, hidden=False, decode=False):
+        """Run token lists `ids` (one per request, equal lengths) after each request's cached tokens.
+        decode: a decode step (one token per request), as SGLang schedules greedy generation."""
         global STEP
         T = len(ids[0])
         pos = [torch.arange(r.length, r.length + T, device=self.device) for r in reqs]
-        STEP = Step(cfg, reqs, pos, prefix_lens or [r.length for r in reqs], keep_raw)
+        STEP = Step(cfg, reqs, pos, prefix_lens or [r.length for r in reqs], keep_raw, decode=decode)
+        if self.attention == "backend":
+            # The backend takes the cached prefix from seq_lens - extend lengths: only the chunk
+            # study's cold-prefill prefix_lens (skipped in this mode) would differ from it.
+            assert not keep_raw and STEP.prefix_lens == [r.length for r in reqs] and (T == 1 or not decode)
+            bp = self.backend_pool(cfg)
+            for r in reqs:   # slots for the new tokens first, as SGLang allocates them before the forward
+                bp.grow(r, r.length + T)
+            STEP.backend = bp.backend
+            STEP.batch = fake_sglang.batch([r.row for r in reqs], [r.length + T for r in reqs],
+                                           None if decode else [T] * len(reqs), decode, self.device)
+            bp.backend.init_forward_metadata(STEP.batch)
         try:
             m = self.model(cfg)
             out = m.model(input_ids=torch.tensor(ids, device=self.device), position_ids=torch.stack(pos),
@@ -187,13 +318,13 @@ class Engine:
         h = out.last_hidden_state
         return h if hidden else m.lm_head(h[:, -1:]).float()[:, 0]
 
-    def new(self):
-        return Request(self.n_layers)
+    def new(self, cfg):
+        return BackendRequest(self.backend_pool(cfg)) if self.attention == "backend" else Request(self.n_layers)
 
     @torch.no_grad()
     def nll(self, cfg, ids):
         """Summed next-token NLL and count over one window, prefilled as one chunk."""
-        h = self.forward(cfg, [self.new()], [ids], hidden=True)[0]
+        h = self.forward(cfg, [self.new(cfg)], [ids], hidden=True)[0]
         lm = self.model(cfg).lm_head
         target = torch.tensor(ids[1:], device=self.device)
         total = 0.0
@@ -208,7 +339,7 @@ class Engine:
         """Greedy decode n tokens for a batch of prefilled requests (one token per step, incremental)."""
         toks = [[int(l.argmax())] for l in first_logits]
         for _ in range(n - 1):
-            logits = self.forward(cfg, reqs, [[t[-1]] for t in toks])
+            logits = self.forward(cfg, reqs, [[t[-1]] for t in toks], decode=True)
             for t, l in zip(toks, logits):
                 t.append(int(l.argmax()))
         return toks
@@ -272,10 +403,32 @@ def chat_prompts(tok, docs_text, n, excerpt_tokens):
 
 
 # ---- the study ----------------------------------------------------------------------------------
+def row_key(method, bits, page):
+    """A row's name for --rows: oscar-2-64 (method-bits-page), bf16-64."""
+    return f"bf16-{page}" if method == "bf16" else f"{method}-{bits}-{page}"
+
+
+def select_rows(spec, backend):
+    """--rows NAME,NAME (row_key names) -> their configs in MAIN_ROWS order; None: the whole study."""
+    if spec is None:
+        return None
+    names = {row_key(*r): r for r in MAIN_ROWS}
+    want = {"bf16-64" if n.strip() == "bf16" else n.strip() for n in spec.split(",") if n.strip()}
+    if not want or want - names.keys():
+        raise SystemExit(f"unknown rows {sorted(want - names.keys())}; rows: {', '.join(names)}")
+    if backend and "bf16-64" in want:
+        raise SystemExit("--attention backend: bf16 has no oscar backend (plain SGLang serves it)")
+    return [OscarConfig(method=m, bits=b, page_size=p) for m, b, p in MAIN_ROWS if row_key(m, b, p) in want]
+
+
 class Study:
     def __init__(self, args):
         self.args = args
-        self.eng = Engine(args.model or default_model_path(), args.device)
+        backend = args.attention == "backend"
+        if backend and args.plan:
+            raise SystemExit("--plan is for the reference study; --attention backend runs --rows")
+        self.eng = Engine(args.model or default_model_path(), args.device, args.attention)
+        self.rows = select_rows(args.rows or (BACKEND_ROWS if backend else None), backend)
         tok = self.eng.tok
         self.docs = load_text(tok, args.quick)
         self.lengths = [1024, 2048] if args.quick else [int(x) for x in args.lengths.split(",")]
@@ -284,6 +437,12 @@ class Study:
         self.gen = 16 if args.quick else 64
         self.prompts = chat_prompts(tok, self.docs, self.n_prompts, 256 if args.quick else 640)
         self.intro, self.filler, self.question = passkey_setup(tok, max(self.lengths))
+        # backend mode sizes its fake pool from these: the agreement batch holds every chat prompt at
+        # once (a passkey run: its base, a trial and the trial being let go), and the longest sequence
+        # is a window, the passkey base prompt, a passkey prompt or a chat prompt with their answers
+        self.eng.capacity = (self.n_prompts + 3, max(
+            max(len(i) for _, i in self.docs), len(self.intro) + sum(map(len, self.filler)),
+            max(self.lengths) + 8, max(map(len, self.prompts)) + self.gen))
         rng = random.Random(1)
         self.keys = {L: [rng.randrange(10000, 100000) for _ in range(self.trials)] for L in self.lengths}
         self.bf16_answers = None
@@ -302,6 +461,12 @@ class Study:
         # a smoke run never overwrites the committed results
         default = Path(tempfile.gettempdir()) / "sglang_oscar_accuracy_quick.json" if args.quick \
             else RESULTS / "accuracy.json"
+        if backend:
+            from sglang_oscar.backend import decode_kernels_usable
+            hd = self.eng.models[False].config.head_dim
+            self.kernels = all(decode_kernels_usable(self.eng.device, c, hd) for c in self.rows)
+            default = Path(tempfile.gettempdir()) / "sglang_oscar_accuracy_backend_quick.json" if args.quick \
+                else RESULTS / f"accuracy_{'kernels' if self.kernels else 'backend'}_{device_tag(self.eng.device)}.json"
         self.path = Path(args.out) if args.out else default
         if args.resume and self.path.exists():  # continue an interrupted run where it stopped
             old = json.loads(self.path.read_text())
@@ -312,7 +477,65 @@ class Study:
         if self.eng.device.type == "cuda":
             self.result["hardware"] = f"{torch.cuda.get_device_name()}, torch {torch.__version__}, bf16 " \
                                       "weights, reference (torch) attention and quantization"
+        if backend:
+            self.setup_backend()
         self.result["complete"] = False
+
+    def setup_backend(self):
+        """Backend mode: the JSON says how attention ran, and the reference run it is compared with
+        (the same rows through reference.attend) is loaded; its bf16 answers score this run's
+        agreement, exactly as they scored the reference rows'."""
+        args, res = self.args, self.result
+        where = torch.cuda.get_device_name(self.eng.device) if self.eng.device.type == "cuda" else \
+            f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+        how = "CUDA kernels" if self.kernels else "batched torch path"
+        res["hardware"] = f"{where}, torch {torch.__version__}, bf16 weights, attention through the oscar " \
+                          f"backend ({how})"
+        res["attention"] = "backend"
+        res["prefill_study"] = {"skipped": "not run in backend mode (only the main rows' ppl, passkey, agreement)"}
+        quick_ref = Path(tempfile.gettempdir()) / "sglang_oscar_accuracy_quick.json"  # what --quick writes
+        ref_path = Path(args.compare_to) if args.compare_to else quick_ref if args.quick else RESULTS / "accuracy.json"
+        names = ",".join(row_key(c.method, c.bits, c.page_size) for c in self.rows)
+        redo = f"run python bench/accuracy.py{' --quick' if args.quick else ''} --rows {names} first, or name a " \
+               "reference run of the same settings with --compare-to"
+        if not ref_path.exists():
+            raise SystemExit(f"no reference run at {ref_path}: {redo}")
+        ref = json.loads(ref_path.read_text())
+        self.ref_rows = {(r["method"], r["bits"], r["page_size"]): r for r in ref["rows"]}
+        bf16 = ref["agreement"].get("bf16_tokens") or []
+        problems = [what for what, bad in [
+            ("--quick", bool(ref.get("quick")) != bool(args.quick)),
+            ("the scored documents", ref["text_source"]["documents"] != res["text_source"]["documents"]),
+            ("bf16 answers for these prompts", ref["agreement"]["generated_tokens"] != self.gen
+             or len(bf16) < self.n_prompts)]
+            if bad] + [f"row {row_key(c.method, c.bits, c.page_size)}" for c in self.rows
+                       if "ppl" not in self.ref_rows.get((c.method, c.bits, c.page_size), {})]
+        if problems:
+            raise SystemExit(f"reference run {ref_path} does not match this run ({', '.join(problems)}): {redo}")
+        self.bf16_answers = bf16[:self.n_prompts]  # chat_prompts' first n prompts are the same for any n
+        like = (ref["passkey"]["lengths"], ref["passkey"]["trials"], ref["agreement"]["prompts"]) == \
+            (self.lengths, self.trials, self.n_prompts)
+        res["compared_to"] = {"json": str(ref_path), "hardware": ref["hardware"], "like_for_like": like,
+                              "diff": "this run minus the reference row"}
+        res["agreement"]["bf16_tokens_from"] = str(ref_path)
+        if not like:
+            self.log("note: passkey lengths/trials or prompts differ from the reference run: not like for like")
+
+    def update_comparison(self):
+        """Backend mode: next to each row's metrics the reference row's and the difference, and
+        whether every perplexity is within PPL_TOLERANCE of its reference."""
+        rows = self.result["rows"]
+        for r in rows:
+            ref = self.ref_rows[(r["method"], r["bits"], r["page_size"])]
+            r["reference"] = {k: ref[k] for k in ("ppl", "agreement", "passkey") if k in ref}
+            d = {k: r[k] - ref[k] for k in ("ppl", "agreement") if k in r and k in ref}
+            pk = {L: v - ref["passkey"][L] for L, v in r.get("passkey", {}).items() if L in ref.get("passkey", {})}
+            if pk:
+                d["passkey"] = pk
+            r["diff"] = d
+        diffs = [abs(r["diff"]["ppl"]) for r in rows if "ppl" in r["diff"]]
+        self.result["ppl_goal"] = {"tolerance": PPL_TOLERANCE, "max_abs_diff": max(diffs, default=None),
+                                   "met": len(diffs) == len(self.rows) and max(diffs) <= PPL_TOLERANCE}
 
     def log(self, msg):
         print(f"[{time.time() - self.t0:7.0f}s] {msg}", flush=True)
@@ -321,10 +544,13 @@ class Study:
         path = self.path
         path.parent.mkdir(parents=True, exist_ok=True)
         self.result["elapsed_s"] = round(time.time() - self.t0)
+        if self.eng.attention == "backend":
+            self.update_comparison()
         tmp = path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(self.result, indent=1))
         os.replace(tmp, path)
-        plot(self.result, path.with_suffix(".png"))
+        if self.eng.attention != "backend":  # the plot's Δppl is over a bf16 row, which backend runs lack
+            plot(self.result, path.with_suffix(".png"))
 
     def row(self, cfg):
         for r in self.result["rows"]:
@@ -355,7 +581,7 @@ class Study:
         todo = [L for L in self.lengths if str(L) not in acc]
         if not todo:
             return acc
-        base = eng.new()
+        base = eng.new(cfg)
         eng.forward(cfg, [base], [self.intro + [t for s in self.filler for t in s]][:1],
                     prefix_lens=[0], keep_raw=keep_raw)
         for L in todo:
@@ -395,7 +621,7 @@ class Study:
     def cached_half(self, cfg, ids):
         """A request holding what the radix tree keeps of the first half of ids: whole pages."""
         half = (len(ids) // 2) // cfg.page_size * cfg.page_size
-        req = self.eng.new()
+        req = self.eng.new(cfg)
         self.eng.forward(cfg, [req], [ids[:half]], prefix_lens=[0])
         return req.prefix(half, cfg)
 
@@ -405,7 +631,7 @@ class Study:
         eng = self.eng
         reqs, first = [], []
         for ids in prompts:
-            req = self.cached_half(cfg, ids) if hit else eng.new()
+            req = self.cached_half(cfg, ids) if hit else eng.new(cfg)
             logits = eng.forward(cfg, [req], [ids[req.length:]], prefix_lens=[req.length])
             reqs.append(req)
             first.append(logits[0])
@@ -423,7 +649,7 @@ class Study:
             req = self.cached_half(cfg, ids)
             half = req.length
             target = torch.tensor(ids[half + 1:], device=eng.device)[:, None]
-            cold = eng.forward(cfg, [eng.new()], [ids], prefix_lens=[0], hidden=True)[0][half:-1]
+            cold = eng.forward(cfg, [eng.new(cfg)], [ids], prefix_lens=[0], hidden=True)[0][half:-1]
             hot = eng.forward(cfg, [req], [ids[half:]], prefix_lens=[half], hidden=True)[0][:-1]
             lp = [torch.log_softmax(lm(h).float(), -1).gather(1, target)[:, 0] for h in (cold, hot)]
             gaps.append((lp[0] - lp[1]).abs())
@@ -443,6 +669,7 @@ class Study:
         r = self.row(cfg)
         if "agreement" in r:
             return
+        t = time.time()
         r["ppl"] = self.ppl(cfg)
         self.log(f"{r['name']}: ppl {r['ppl']:.4f}")
         answers = self.generate(cfg, self.prompts)
@@ -451,10 +678,13 @@ class Study:
             self.result["agreement"]["bf16_tokens"] = answers
             self.result["agreement"]["bf16_sample"] = self.eng.tok.decode(answers[0])
         r["agreement"] = self.agreement(answers)
+        r.setdefault("seconds", {})["ppl_and_agreement"] = round(time.time() - t, 1)
         self.log(f"{r['name']}: agreement {r['agreement']:.4f}")
         self.save()
 
     def run(self):
+        if self.rows is not None:
+            return self.run_rows(self.rows)
         rows = MAIN_ROWS[:4] if self.args.quick else MAIN_ROWS
         cfgs = [OscarConfig(method=m, bits=b, page_size=p) for m, b, p in rows]
         if self.args.plan:
@@ -489,9 +719,27 @@ class Study:
                 raise SystemExit(f"unknown piece {piece!r}")
         self.log("plan done")
 
+    def run_rows(self, cfgs):
+        """Only these rows (--rows; backend mode always): ppl and agreement, then passkeys; bf16's
+        answers first where no run gave them yet (every row's agreement is measured against them)."""
+        self.log(f"{self.result['hardware']} -> {self.path}")
+        if self.eng.attention == "backend":
+            self.log("prefill study skipped: backend mode runs only the main rows (ppl, passkey, agreement)")
+        if self.bf16_answers is None and cfgs[0].quantized:
+            self.ppl_and_agreement(OscarConfig(method="bf16"))
+        for cfg in cfgs:
+            self.ppl_and_agreement(cfg)
+        self.passkeys(cfgs)
+        self.result["complete"] = True
+        self.save()
+        self.log("done")
+
     def passkeys(self, cfgs):
         for cfg in cfgs:
-            self.passkey(cfg, acc=self.row(cfg).setdefault("passkey", {}))
+            r, t = self.row(cfg), time.time()
+            self.passkey(cfg, acc=r.setdefault("passkey", {}))
+            sec = r.setdefault("seconds", {})
+            sec["passkey"] = round(sec.get("passkey", 0) + time.time() - t, 1)
 
     def prefill_study(self, with_passkey=True):
         st = self.result["prefill_study"]
@@ -537,6 +785,14 @@ class Study:
                       "half, nats); bf16_control: the same hit vs miss without quantization")
 
 
+def device_tag(device):
+    """A results file's device suffix: h200 / h100 from the CUDA device's name, else cpu."""
+    if device.type != "cuda":
+        return "cpu"
+    m = re.search(r"\b([A-Z]+\d{2,})\b", torch.cuda.get_device_name(device))
+    return m.group(1).lower() if m else "cuda"
+
+
 # ---- the plot -------------------------------------------------------------------------------------
 def plot(res, path):
     import matplotlib
@@ -579,18 +835,25 @@ def plot(res, path):
 
 
 def table(res):
-    """The README's results table, straight from the JSON."""
+    """The README's results table, straight from the JSON. A backend run's cells also give the
+    reference row's value, and its Δppl is over the reference row (it has no bf16 row)."""
     lengths = res["passkey"]["lengths"]
-    base = next(r["ppl"] for r in res["rows"] if r["method"] == "bf16")
-    head = ["method", "page", "ppl", "Δppl"] + [f"passkey {L // 1024}k" for L in lengths] + ["agreement"]
+    backend = "compared_to" in res
+    base = None if backend else next(r["ppl"] for r in res["rows"] if r["method"] == "bf16")
+    head = ["method", "page", "ppl", "Δppl vs reference" if backend else "Δppl"] + \
+        [f"passkey {L // 1024}k" for L in lengths] + ["agreement"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     fmt = lambda x, f: "–" if x is None else f.format(x)  # noqa: E731
+
+    def cell(r, key, f, length=None):
+        get = (lambda d: (d.get(key) or {}).get(length)) if length else (lambda d: d.get(key))
+        ours = fmt(get(r), f)
+        return f"{ours} (ref {fmt(get(r.get('reference', {})), f)})" if backend else ours
     for r in res["rows"]:
-        pk = r.get("passkey") or {}
+        delta = r.get("diff", {}).get("ppl") if backend else None if "ppl" not in r else r["ppl"] - base
         lines.append("| " + " | ".join(
-            [r["name"].split("/")[0], str(r["page_size"]), fmt(r.get("ppl"), "{:.3f}"),
-             fmt(None if "ppl" not in r else r["ppl"] - base, "{:+.3f}")]
-            + [fmt(pk.get(str(L)), "{:.2f}") for L in lengths] + [fmt(r.get("agreement"), "{:.3f}")]) + " |")
+            [r["name"].split("/")[0], str(r["page_size"]), cell(r, "ppl", "{:.3f}"), fmt(delta, "{:+.3f}")]
+            + [cell(r, "passkey", "{:.2f}", str(L)) for L in lengths] + [cell(r, "agreement", "{:.3f}")]) + " |")
     return "\n".join(lines)
 
 
@@ -630,8 +893,17 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="small smoke run")
     ap.add_argument("--model", help="HF model directory (default: the embedded SmolLM2-135M-Instruct)")
-    ap.add_argument("--trials", type=int, default=20, help="passkey trials per length")
+    ap.add_argument("--trials", type=int, default=20, help="passkey trials per length (the reference run's "
+                    "20 by default; fewer makes a backend run faster but not like for like)")
     ap.add_argument("--prompts", type=int, default=20, help="chat prompts for greedy agreement")
+    ap.add_argument("--attention", choices=("reference", "backend"), default="reference",
+                    help="reference: reference.attend over store_pages (the spec); backend: the serving "
+                    "backend (CUDA kernels where they run, else the batched torch path), compared with a "
+                    "reference run")
+    ap.add_argument("--rows", help="run only these rows, e.g. oscar-2-64,oscar-4-64 (method-bits-page; "
+                    f"bf16-64); --attention backend defaults to {BACKEND_ROWS}")
+    ap.add_argument("--compare-to", metavar="JSON", help="--attention backend: the reference run compared "
+                    "with (default bench/results/accuracy.json; with --quick, the temp dir's quick run)")
     ap.add_argument("--device", default="cpu", help="torch device for the model and the reference kernels")
     ap.add_argument("--out", help="results JSON (default bench/results/accuracy.json; the PNG goes next to it)")
     ap.add_argument("--resume", action="store_true", help="keep what the JSON already holds, run the rest")

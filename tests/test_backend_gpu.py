@@ -15,34 +15,15 @@ import types
 
 import pytest
 import torch
+from fake_sglang import FakePool, batch, decode_batch, fake_layer
 
-from sglang_oscar import layout
 from sglang_oscar.backend import OscarAttnBackend, decode_kernels_usable
 from sglang_oscar.config import OscarConfig
 from sglang_oscar.layout import FIELDS
 
 
-class FakePool:
-    def __init__(self, n_layers, num_pages, R, P, H, D, bits, dtype, dev):
-        self.pages = [{f: torch.zeros((num_pages, *s), dtype=dt, device=dev)
-                       for f, (s, dt) in layout.page_shapes(P, H, D, bits).items()} for _ in range(n_layers)]
-        self.res_k = [torch.zeros((R, P, H, D), dtype=dtype, device=dev) for _ in range(n_layers)]
-        self.res_v = [torch.zeros((R, P, H, D), dtype=dtype, device=dev) for _ in range(n_layers)]
-        self.head_dim = D
-
-    def layer(self, i):
-        return self.pages[i], self.res_k[i], self.res_v[i]
-
-
 def make_backend(cfg, pool, req_to_token, dev, kernels):
     return OscarAttnBackend.detached(cfg, pool, req_to_token, dev, kernels)
-
-
-def batch(rows, seq, ext, decode, dev):
-    mode = types.SimpleNamespace(is_decode=lambda: decode)
-    return types.SimpleNamespace(req_pool_indices=torch.tensor(rows, device=dev),
-                                 seq_lens=torch.tensor(seq, device=dev), seq_lens_cpu=torch.tensor(seq),
-                                 extend_seq_lens_cpu=ext, forward_mode=mode)
 
 
 def run_case(dev, P, Hq, H, D, bits, dtype, prefix_lens, steps=3, n_layers=2, seed=0, prefill="page"):
@@ -64,9 +45,7 @@ def run_case(dev, P, Hq, H, D, bits, dtype, prefix_lens, steps=3, n_layers=2, se
     pools = [FakePool(n_layers, num_pages, R, P, H, D, bits, dtype, dev) for _ in range(2)]
     fast = make_backend(cfg, pools[0], req_to_token, dev, kernels=True)
     slow = make_backend(cfg, pools[1], req_to_token, dev, kernels=False)
-    layers = [types.SimpleNamespace(tp_q_head_num=Hq, tp_k_head_num=H, qk_head_dim=D, layer_id=i,
-                                    scaling=D ** -0.5, is_cross_attention=False, logit_cap=0,
-                                    sliding_window_size=-1) for i in range(n_layers)]
+    layers = [fake_layer(i, Hq, H, D) for i in range(n_layers)]
 
     def rnd(n, h):
         x = torch.randn(n, h, D, generator=gen, device=dev)
@@ -177,13 +156,6 @@ def test_index_slices_are_realigned_for_the_kernels():
     assert _aligned(whole) is whole
 
 
-def decode_batch(rows, seq, dev):
-    mode = types.SimpleNamespace(is_decode=lambda: True, is_decode_or_idle=lambda: True)
-    return types.SimpleNamespace(req_pool_indices=torch.tensor(rows, device=dev),
-                                 seq_lens=torch.tensor(seq, device=dev), seq_lens_cpu=torch.tensor(seq),
-                                 extend_seq_lens_cpu=None, forward_mode=mode)
-
-
 @pytest.mark.parametrize("P,Hq,H,D,dtype", [(64, 32, 8, 128, torch.bfloat16), (32, 9, 3, 64, torch.float16)])
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -228,9 +200,7 @@ def test_decode_cuda_graph_replay_matches_eager(P, Hq, H, D, dtype):
     graph_be = OscarAttnBackend.detached(cfg, pools[0], req_to_token, dev, True, heads)
     eager_be = OscarAttnBackend.detached(cfg, pools[1], req_to_token, dev, True, heads)
     torch_be = OscarAttnBackend.detached(cfg, pools[2], req_to_token, dev, False)
-    layers = [types.SimpleNamespace(tp_q_head_num=Hq, tp_k_head_num=H, qk_head_dim=D, layer_id=i,
-                                    scaling=D ** -0.5, is_cross_attention=False, logit_cap=0,
-                                    sliding_window_size=-1) for i in range(n_layers)]
+    layers = [fake_layer(i, Hq, H, D) for i in range(n_layers)]
 
     # SGLang's side: static inputs of the largest batch, padded lanes = row 0 with the fill value.
     graph_be.init_cuda_graph_state(B_MAX, B_MAX)

@@ -192,6 +192,8 @@ def test_partial_prefix_on_a_fresh_row_is_refused():
     # mid-page, and a fresh owner whose prefix is page-aligned, are served.
     import types
 
+    from fake_sglang import batch, fake_layer
+
     from sglang_oscar.backend import OscarAttnBackend
 
     cfg = OscarConfig(method="oscar", bits=2, page_size=32)
@@ -203,13 +205,10 @@ def test_partial_prefix_on_a_fresh_row_is_refused():
     req_to_token = torch.arange(R * 4 * P, dtype=torch.int32).view(R, 4 * P) + P
     be = OscarAttnBackend.detached(cfg, pool, req_to_token, "cpu", False)
     be.req_to_token_pool.req_generation = torch.zeros(R, dtype=torch.int64)
-    layer = types.SimpleNamespace(tp_q_head_num=Hq, tp_k_head_num=H, qk_head_dim=D, layer_id=0, scaling=D ** -0.5,
-                                  is_cross_attention=False, logit_cap=0, sliding_window_size=-1)
+    layer = fake_layer(0, Hq, H, D)
 
     def extend(row, prefix, e):
-        fb = types.SimpleNamespace(req_pool_indices=torch.tensor([row]), seq_lens=torch.tensor([prefix + e]),
-                                   seq_lens_cpu=torch.tensor([prefix + e]), extend_seq_lens_cpu=[e],
-                                   forward_mode=types.SimpleNamespace(is_decode=lambda: False))
+        fb = batch([row], [prefix + e], [e], False, "cpu")
         be.init_forward_metadata(fb)
         x = torch.randn(e, Hq * D).to(torch.bfloat16)
         return be.forward_extend(x, x[:, : H * D], x[:, : H * D], layer, fb)
