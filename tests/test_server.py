@@ -341,7 +341,7 @@ def test_accuracy_harness_through_the_server_matches_in_process(oscar, default_m
     for j, key in enumerate([31337, 52718, 90210]):
         prompt, _ = acc.passkey_tokens(eng.tok, 1024, j / 2, key, filler, intro, question)
         served_out = oscar.generate(prompt, max_new_tokens=8)["output_ids"]
-        req = eng.new()
+        req = eng.new(cfg)
         first = eng.forward(cfg, [req], [prompt])
         inproc_out = eng.greedy(cfg, [req], first, 8)[0]
         assert (str(key) in eng.tok.decode(served_out)) == (str(key) in eng.tok.decode(inproc_out))
