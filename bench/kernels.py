@@ -1,5 +1,6 @@
 """GPU kernel benchmark: OScaR decode attention vs bf16 baselines, the store kernel, and a
-model-shaped decode loop at a fixed KV memory budget. Writes bench/results/kernels_h200.{json,png}.
+model-shaped decode loop at a fixed KV memory budget. Writes bench/results/kernels_<gpu>.{json,png}
+(<gpu> from the device name: h200, h100, ...).
 The oscar decode reads its page ids from a req_to_token table of token slots, as the backend does.
 
   python bench/kernels.py [--out DIR] [--quick]
@@ -16,6 +17,7 @@ import json
 import math
 import os
 import platform
+import re
 import sys
 import time
 
@@ -464,9 +466,11 @@ def main():
                "backend's decode step over 32 layers sharing one pool, eager wall time vs CUDA-graph replay."),
         elapsed_s=round(time.time() - t0, 1),
     )
-    with open(os.path.join(args.out, "kernels_h200.json"), "w") as f:
+    m = re.search(r"\b([A-Z]\d{2,3})\b", props.name)
+    tag = m.group(1).lower() if m else "gpu"
+    with open(os.path.join(args.out, f"kernels_{tag}.json"), "w") as f:
         json.dump(result, f, indent=1)
-    plot(result, os.path.join(args.out, "kernels_h200.png"))
+    plot(result, os.path.join(args.out, f"kernels_{tag}.png"))
     print("\n== summary ==")
     for r in rows:
         if r["hq"] == 32 and r["B"] == 8 and r["L"] == 32768:

@@ -147,6 +147,8 @@ int64_t blocks_per_sm(int64_t head_dim, int64_t bits, bool bf16) {
   return oscar::decode_blocks_per_sm(head_dim, bits, bf16);
 }
 
+int64_t extend_max_rows(int64_t head_dim, int64_t bits) { return oscar::extend_max_rows(head_dim, bits); }
+
 // Extend (prefill) attention over packed pages + the step's raw tokens (csrc/extend.cu).
 void extend(torch::Tensor q, torch::Tensor kc, torch::Tensor ks, torch::Tensor kz, torch::Tensor vc, torch::Tensor vs,
             torch::Tensor vz, torch::Tensor kn, torch::Tensor req_to_token, torch::Tensor raw_k, torch::Tensor raw_v,
@@ -202,4 +204,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode", &decode, "paged split-KV decode attention over packed pages + residual");
   m.def("extend", &extend, "extend (prefill) attention over packed pages + the step's raw tokens");
   m.def("blocks_per_sm", &blocks_per_sm, "resident decode CTAs per SM for a (head_dim, bits, dtype)");
+  m.def("extend_max_rows", &extend_max_rows, "most extend rows per CTA this GPU's shared memory allows");
 }

@@ -1,9 +1,17 @@
 // Small device helpers shared by the OScaR kernels: dtype traits, tensor-core MMA, code unpacking,
-// and the mbarrier / bulk-copy primitives of sm_90.
+// 16-byte cp.async (sm_80+), mbarriers (sm_80+) and the bulk copies of sm_90.
+// OSCAR_SM90: compiling for sm_90 or later (bulk async copies, mbarrier try_wait and expect_tx);
+// the sm_80-89 build streams the same bytes by cp.async and spins on mbarrier test_wait.
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <stdint.h>
+
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#define OSCAR_SM90 1
+#else
+#define OSCAR_SM90 0
+#endif
 
 namespace oscar {
 
@@ -84,20 +92,39 @@ __device__ __forceinline__ uint32_t pack_h2(__half a, __half b) {
   return uint32_t(__half_as_ushort(a)) | (uint32_t(__half_as_ushort(b)) << 16);
 }
 
-// ---- mbarrier + bulk async copy (sm_90) ----
+// ---- cp.async, mbarriers, bulk async copies ----
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
+// 16 bytes global -> shared, asynchronous. src-size 0 zero-fills (!valid): pages / keys a tile does
+// not have read as zeros (finite, masked).
+__device__ __forceinline__ void cp16(void* dst, const void* src, bool valid = true) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src),
+               "r"(valid ? 16 : 0)
+               : "memory");
+}
+__device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void cp_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+// One arrival on `bar` once this thread's earlier cp.async copies have landed (counted in the
+// barrier's init count: .noinc).
+__device__ __forceinline__ void cp_arrive(uint64_t* bar) {
+  asm volatile("cp.async.mbarrier.arrive.noinc.shared.b64 [%0];\n" ::"r"(smem_addr(bar)) : "memory");
+}
 __device__ __forceinline__ void mbar_init(uint64_t* bar, uint32_t count) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_addr(bar)), "r"(count));
+  asm volatile("mbarrier.init.shared.b64 [%0], %1;\n" ::"r"(smem_addr(bar)), "r"(count));
 }
+// Makes the inits visible to the async proxy (bulk copies); before sm_90 the CTA barrier that
+// follows the inits is enough.
 __device__ __forceinline__ void mbar_fence_init() {
+#if OSCAR_SM90
   asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
-}
-__device__ __forceinline__ void mbar_expect_tx(uint64_t* bar, uint32_t bytes) {
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_addr(bar)), "r"(bytes) : "memory");
+#endif
 }
 __device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
+#if OSCAR_SM90
   asm volatile(
       "{\n"
       ".reg .pred p;\n"
@@ -107,6 +134,21 @@ __device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
       "}\n" ::"r"(smem_addr(bar)),
       "r"(parity)
       : "memory");
+#else
+  asm volatile(
+      "{\n"
+      ".reg .pred p;\n"
+      "WAIT_%=:\n"
+      "mbarrier.test_wait.parity.shared.b64 p, [%0], %1;\n"
+      "@!p bra WAIT_%=;\n"
+      "}\n" ::"r"(smem_addr(bar)),
+      "r"(parity)
+      : "memory");
+#endif
+}
+#if OSCAR_SM90
+__device__ __forceinline__ void mbar_expect_tx(uint64_t* bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_addr(bar)), "r"(bytes) : "memory");
 }
 __device__ __forceinline__ void bulk_g2s(void* dst, const void* src, uint32_t bytes, uint64_t* bar) {
   asm volatile(
@@ -114,5 +156,6 @@ __device__ __forceinline__ void bulk_g2s(void* dst, const void* src, uint32_t by
       "l"(src), "r"(bytes), "r"(smem_addr(bar))
       : "memory");
 }
+#endif
 
 }  // namespace oscar

@@ -3,10 +3,12 @@
 // One CTA = (query, split, KV head, chunk of <= 8 query heads). A split is a run of the query's
 // packed pages, derived on the device from its page count (split_range); the residual (raw partial
 // page) is folded into its last split. Pages stream
-// into shared memory with sm_90 bulk copies (7 contiguous runs per page: one per layout field) in a
-// STAGES-deep ring of 128-token stages; each of the 4 warps takes one 32-token chunk (= one K group)
-// of a stage and keeps its own online-softmax state; the warps merge at the end, and split requests
-// are merged by a small combine kernel.
+// into shared memory with sm_90 bulk copies (sm_80-89: 16-byte cp.async; 7 contiguous runs per page,
+// one per layout field) in a
+// 2-deep ring of 256-token stages; each of the 4 warps takes two 32-token chunks (= two K groups) of
+// a stage (both QK products, one softmax step over their 64 tokens, both PV products: independent
+// MMA chains for the scheduler and half the reductions per token) and keeps its own online-softmax
+// state; the warps merge at the end, and split requests are merged by a small combine kernel.
 //
 // Tensor cores, dequantizing straight into MMA fragments:
 //   S^T = K Q'^T   (A = dequantized K, rows = tokens; B = rotated, max-normalized fp16 queries)
@@ -29,12 +31,12 @@ constexpr int kWarps = 4;
 
 template <int D, int BITS>
 struct Geo {
-  // One stage = 128 tokens of one KV head (4 K groups), fields in layout order.
-  static constexpr int KC_B = 4 * D * BITS * 4;
-  static constexpr int KS_B = 4 * D * 2;
-  static constexpr int VC_B = 128 * D * BITS / 8;
-  static constexpr int VS_B = 128 * (D / 32) * 2;
-  static constexpr int KN_B = 128 * 4;
+  // One stage = 256 tokens of one KV head (8 K groups), fields in layout order.
+  static constexpr int KC_B = 8 * D * BITS * 4;
+  static constexpr int KS_B = 8 * D * 2;
+  static constexpr int VC_B = 256 * D * BITS / 8;
+  static constexpr int VS_B = 256 * (D / 32) * 2;
+  static constexpr int KN_B = 256 * 4;
   static constexpr int OFF_KS = KC_B;
   static constexpr int OFF_KZ = OFF_KS + KS_B;
   static constexpr int OFF_VC = OFF_KZ + KS_B;
@@ -42,18 +44,18 @@ struct Geo {
   static constexpr int OFF_VZ = OFF_VS + VS_B;
   static constexpr int OFF_KN = OFF_VZ + VS_B;
   static constexpr int STAGE_B = OFF_KN + KN_B;
-  static constexpr int STAGES = BITS == 2 ? 4 : 3;
+  static constexpr int STAGES = 2;
   static constexpr int Q_OFF = STAGES * STAGE_B;   // fp16 q' [8][D]
   static constexpr int QR_OFF = Q_OFF + 8 * D * 2;  // raw q [8][D] (model dtype)
   static constexpr int QS_OFF = QR_OFF + 8 * D * 2; // fp32 logit scale per head [8]
   static constexpr int BAR_OFF = QS_OFF + 32;
   static constexpr int SMEM = BAR_OFF + STAGES * 8;
-  static constexpr int MIN_BLOCKS = BITS == 2 ? 4 : 3;
+  static constexpr int MIN_BLOCKS = BITS == 2 ? 4 : 2;
   static_assert(kWarps * 8 * D * 4 + 2 * kWarps * 8 * 4 <= STAGES * STAGE_B, "merge scratch must fit in the ring");
 };
 
 // Pages [first, end) of split i of a query with n_pages packed pages, and how many splits it uses:
-// k = min(splits, ceil(stages / kMinSplitStages)) splits of whole 128-token stages, evenly sized,
+// k = min(splits, ceil(units / kMinSplitStages)) splits of whole 128-token units (half a stage), evenly sized,
 // empty trailing splits dropped. Twin: wrapper.split_schedule.
 struct SplitRange {
   int first, end, count;
@@ -77,10 +79,14 @@ struct SoftState {
   float m0, m1, l0, l1;
 };
 
-template <int D>
-__device__ __forceinline__ void softmax_step(float (&S)[2][4], SoftState& st, float (&O)[D / 16][4]) {
-  float mx0 = fmaxf(fmaxf(S[0][0], S[0][2]), fmaxf(S[1][0], S[1][2]));
-  float mx1 = fmaxf(fmaxf(S[0][1], S[0][3]), fmaxf(S[1][1], S[1][3]));
+template <int D, int NT = 2>
+__device__ __forceinline__ void softmax_step(float (&S)[NT][4], SoftState& st, float (&O)[D / 16][4]) {
+  float mx0 = fmaxf(S[0][0], S[0][2]), mx1 = fmaxf(S[0][1], S[0][3]);
+#pragma unroll
+  for (int mt = 1; mt < NT; ++mt) {
+    mx0 = fmaxf(mx0, fmaxf(S[mt][0], S[mt][2]));
+    mx1 = fmaxf(mx1, fmaxf(S[mt][1], S[mt][3]));
+  }
 #pragma unroll
   for (int off = 4; off < 32; off <<= 1) {
     mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, off));
@@ -90,7 +96,7 @@ __device__ __forceinline__ void softmax_step(float (&S)[2][4], SoftState& st, fl
   const float a0 = exp2f(st.m0 - n0), a1 = exp2f(st.m1 - n1);
   float s0 = 0.f, s1 = 0.f;
 #pragma unroll
-  for (int mt = 0; mt < 2; ++mt) {
+  for (int mt = 0; mt < NT; ++mt) {
     S[mt][0] = exp2f(S[mt][0] - n0);
     S[mt][1] = exp2f(S[mt][1] - n1);
     S[mt][2] = exp2f(S[mt][2] - n0);
@@ -120,25 +126,21 @@ __device__ __forceinline__ void p_frags(const float (&S)[2][4], int kk, uint32_t
   pb1 = movmatrix_trans(DT<T>::pack(S[kk][2], S[kk][3]));
 }
 
-// One packed 32-token chunk (= one K group) from a shared-memory stage.
+// Logits S^T (log2 units) of packed 32-token chunk c (= one K group) of a shared-memory stage.
 template <int D, int BITS>
-__device__ __forceinline__ void packed_chunk(const unsigned char* stage, int c, const uint2 (&qa)[D / 16], float qsc0,
-                                             float qsc1, float (&O)[D / 16][4], SoftState& st, int gid, int tig) {
+__device__ __forceinline__ void qk_chunk(const unsigned char* stage, int c, const uint2 (&qa)[D / 16], float qsc0,
+                                         float qsc1, float (&S)[2][4], int gid, int tig) {
   using G = Geo<D, BITS>;
   const unsigned char* st_ = stage;
   const uint32_t* kc = reinterpret_cast<const uint32_t*>(st_) + c * D * BITS;
   const __half* ksc = reinterpret_cast<const __half*>(st_ + G::OFF_KS) + c * D;
   const __half* kzr = reinterpret_cast<const __half*>(st_ + G::OFF_KZ) + c * D;
-  const uint32_t* vc = reinterpret_cast<const uint32_t*>(st_ + G::OFF_VC) + c * 32 * (D * BITS / 32);
-  const __half* vsc = reinterpret_cast<const __half*>(st_ + G::OFF_VS) + c * 32 * (D / 32);
-  const __half* vzr = reinterpret_cast<const __half*>(st_ + G::OFF_VZ) + c * 32 * (D / 32);
   const float* kn = reinterpret_cast<const float*>(st_ + G::OFF_KN) + c * 32;
 
   // ---- S^T = K Q'^T. Thread (gid, tig) supplies A for tokens 4*gid + j (j = 2*mt + row half) and
   // channels 16*kt + 4*tig + {0,1 | 2,3}: its 4 tokens sit in one byte (2-bit) / one half-word
   // (4-bit) of a channel's word; one PRMT pairs two channels' bytes, then each token is a shift +
   // LOP3 + HFMA2 away.
-  float S[2][4];
 #pragma unroll
   for (int mt = 0; mt < 2; ++mt) S[mt][0] = S[mt][1] = S[mt][2] = S[mt][3] = 0.f;
   const int wi = (gid * BITS) >> 3;
@@ -172,7 +174,17 @@ __device__ __forceinline__ void packed_chunk(const unsigned char* stage, int c, 
     S[mt][2] *= nn[2 * mt + 1] * qsc0;
     S[mt][3] *= nn[2 * mt + 1] * qsc1;
   }
-  softmax_step<D>(S, st, O);
+}
+
+// O^T += V^T P^T for packed chunk c, P = the exp2 weights softmax_step left in S.
+template <int D, int BITS>
+__device__ __forceinline__ void pv_chunk(const unsigned char* stage, int c, const float (&S)[2][4],
+                                         float (&O)[D / 16][4], int gid, int tig) {
+  using G = Geo<D, BITS>;
+  const unsigned char* st_ = stage;
+  const uint32_t* vc = reinterpret_cast<const uint32_t*>(st_ + G::OFF_VC) + c * 32 * (D * BITS / 32);
+  const __half* vsc = reinterpret_cast<const __half*>(st_ + G::OFF_VS) + c * 32 * (D / 32);
+  const __half* vzr = reinterpret_cast<const __half*>(st_ + G::OFF_VZ) + c * 32 * (D / 32);
 
   // ---- O^T += V^T P^T. PV k-step kk, k-index 2*tig + {0,1} = tokens 8*tig + 2*kk + {0, 4},
   // 2*tig + 8 + {0,1} = tokens 8*tig + 2*kk + 1 + {0, 4}. Thread gid owns channels
@@ -221,6 +233,27 @@ __device__ __forceinline__ void packed_chunk(const unsigned char* stage, int c, 
     for (int mt = 0; mt < D / 16; ++mt)
       mma_full<__half>(O[mt], X0[2 * mt], X0[2 * mt + 1], X1[2 * mt], X1[2 * mt + 1], pb0, pb1);
   }
+}
+
+// Two packed chunks c, c+1 of one warp: both QK products, one softmax step over their 64 tokens
+// (independent MMA chains for the scheduler, half the reductions per token), both PV products.
+template <int D, int BITS>
+__device__ __forceinline__ void packed_pair(const unsigned char* stage, int c, bool second, const uint2 (&qa)[D / 16],
+                                            float qsc0, float qsc1, float (&O)[D / 16][4], SoftState& st, int gid,
+                                            int tig) {
+  float S[4][4];
+  float (&S0)[2][4] = *reinterpret_cast<float(*)[2][4]>(&S[0][0]);
+  float (&S1)[2][4] = *reinterpret_cast<float(*)[2][4]>(&S[2][0]);
+  qk_chunk<D, BITS>(stage, c, qa, qsc0, qsc1, S0, gid, tig);
+  if (second) {
+    qk_chunk<D, BITS>(stage, c + 1, qa, qsc0, qsc1, S1, gid, tig);
+  } else {
+#pragma unroll
+    for (int mt = 0; mt < 2; ++mt) S1[mt][0] = S1[mt][1] = S1[mt][2] = S1[mt][3] = -INFINITY;
+  }
+  softmax_step<D, 4>(S, st, O);
+  pv_chunk<D, BITS>(stage, c, S0, O, gid, tig);
+  if (second) pv_chunk<D, BITS>(stage, c + 1, S1, O, gid, tig);
 }
 
 // The raw residual: chunk w of the request's partial page, in the model dtype (exact products).
@@ -308,7 +341,7 @@ __global__ void __launch_bounds__(kWarps * 32, Geo<D, BITS>::MIN_BLOCKS) decode_
   const int grp = p.Hq / p.H;
   const int hq0 = h * grp + qc * 8;
   const int NQ = min(8, grp - qc * 8);
-  const int P = p.P, PPS = 128 / P;
+  const int P = p.P, PPS = 256 / P;
   const int nstages = (pg1 - pg0 + PPS - 1) / PPS;
   uint64_t* bars = reinterpret_cast<uint64_t*>(smem + G::BAR_OFF);
   __half* q_s = reinterpret_cast<__half*>(smem + G::Q_OFF);
@@ -320,12 +353,15 @@ __global__ void __launch_bounds__(kWarps * 32, Geo<D, BITS>::MIN_BLOCKS) decode_
   const uint32_t page_bytes = kc_pg + 2 * ks_pg + vc_pg + 2 * vs_pg + kn_pg;
   const int32_t* ptab = p.page_table + prow * p.page_row_stride;
 
-  // Warp 0 issues a stage: lane i copies page i of it (7 runs, one per field).
+  // Warp 0 issues a stage, 7 runs per page (one per layout field). sm_90: lane i bulk-copies page i;
+  // sm_80-89: the warp streams each run in 16-byte cp.async pieces and every lane arrives on the
+  // stage's barrier (count 32) once its own pieces have landed.
   auto issue = [&](int s, int pid) {
     const int first = pg0 + s * PPS;
     const int np = min(PPS, pg1 - first);
     unsigned char* base = smem + (s % G::STAGES) * G::STAGE_B;
     uint64_t* bar = bars + (s % G::STAGES);
+#if OSCAR_SM90
     if (lane == 0) mbar_expect_tx(bar, np * page_bytes);
     __syncwarp();
     if (lane < np) {
@@ -338,6 +374,29 @@ __global__ void __launch_bounds__(kWarps * 32, Geo<D, BITS>::MIN_BLOCKS) decode_
       bulk_g2s(base + G::OFF_VZ + lane * vs_pg, p.v_zero + ph * (vs_pg / 2), vs_pg, bar);
       bulk_g2s(base + G::OFF_KN + lane * kn_pg, p.k_norm + int64_t(pid) * P, kn_pg, bar);
     }
+#else
+    (void)page_bytes;
+    for (int i = 0; i < np; ++i) {
+      const int64_t pg = __shfl_sync(0xffffffffu, pid, i);
+      const int64_t ph = pg * p.H + h;
+      const unsigned char* src[7] = {
+          reinterpret_cast<const unsigned char*>(p.k_codes + ph * (kc_pg / 4)),
+          reinterpret_cast<const unsigned char*>(p.k_scale + ph * (ks_pg / 2)),
+          reinterpret_cast<const unsigned char*>(p.k_zero + ph * (ks_pg / 2)),
+          reinterpret_cast<const unsigned char*>(p.v_codes + ph * (vc_pg / 4)),
+          reinterpret_cast<const unsigned char*>(p.v_scale + ph * (vs_pg / 2)),
+          reinterpret_cast<const unsigned char*>(p.v_zero + ph * (vs_pg / 2)),
+          reinterpret_cast<const unsigned char*>(p.k_norm + pg * P)};
+      unsigned char* dst[7] = {base + i * kc_pg,          base + G::OFF_KS + i * ks_pg, base + G::OFF_KZ + i * ks_pg,
+                               base + G::OFF_VC + i * vc_pg, base + G::OFF_VS + i * vs_pg, base + G::OFF_VZ + i * vs_pg,
+                               base + G::OFF_KN + i * kn_pg};
+      const uint32_t len[7] = {kc_pg, ks_pg, ks_pg, vc_pg, vs_pg, vs_pg, kn_pg};
+#pragma unroll
+      for (int f = 0; f < 7; ++f)
+        for (uint32_t off = 16 * lane; off < len[f]; off += 16 * 32) cp16(dst[f] + off, src[f] + off);
+    }
+    cp_arrive(bar);
+#endif
   };
   auto load_pid = [&](int s) -> int {
     const int pg = pg0 + s * PPS + lane;
@@ -346,7 +405,7 @@ __global__ void __launch_bounds__(kWarps * 32, Geo<D, BITS>::MIN_BLOCKS) decode_
 
   if (tid == 0) {
 #pragma unroll
-    for (int i = 0; i < G::STAGES; ++i) mbar_init(bars + i, 1);
+    for (int i = 0; i < G::STAGES; ++i) mbar_init(bars + i, OSCAR_SM90 ? 1 : 32);  // expect_tx / 32 lanes' cp.async
     mbar_fence_init();
   }
   __syncthreads();
@@ -378,8 +437,8 @@ __global__ void __launch_bounds__(kWarps * 32, Geo<D, BITS>::MIN_BLOCKS) decode_
     const int slot = s % G::STAGES;
     mbar_wait(bars + slot, (s / G::STAGES) & 1);
     const int np = min(PPS, pg1 - (pg0 + s * PPS));
-    if (warp * 32 < np * P)
-      packed_chunk<D, BITS>(smem + slot * G::STAGE_B, warp, qa, qsc0, qsc1, O, st, gid, tig);
+    if (warp * 64 < np * P)
+      packed_pair<D, BITS>(smem + slot * G::STAGE_B, 2 * warp, warp * 64 + 32 < np * P, qa, qsc0, qsc1, O, st, gid, tig);
     __syncthreads();  // the slot is free again
     if (warp == 0 && s + G::STAGES < nstages) {
       issue(s + G::STAGES, pid_next);

@@ -55,18 +55,6 @@ struct XGeo {
   static constexpr int SMEM = QS_OFF + kRows * 4;
 };
 
-__device__ __forceinline__ void cp16(void* dst, const void* src, bool valid) {
-  // src-size 0 zero-fills: pages / keys a tile does not have read as zeros (finite, masked)
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src),
-               "r"(valid ? 16 : 0)
-               : "memory");
-}
-__device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-template <int N>
-__device__ __forceinline__ void cp_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-}
-
 __device__ __forceinline__ void ldsm4(uint32_t (&r)[4], const void* p) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
@@ -449,7 +437,21 @@ void launch_extend_t(const ExtendParams& p, cudaStream_t stream) {
   launch_rows<T, D, BITS, 4>(p, stream);
 }
 
+template <int D, int BITS>
+int max_rows() {
+  int dev = 0, optin = 0;
+  cudaGetDevice(&dev);
+  cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
+  // 128 rows need 62-127 KB: more than the 99 KB of an sm_86/89 CTA at head_dim 128.
+  return XGeo<D, BITS, 8>::SMEM <= optin ? 128 : 64;
+}
+
 }  // namespace
+
+int extend_max_rows(int head_dim, int bits) {
+  if (head_dim == 64) return bits == 2 ? max_rows<64, 2>() : max_rows<64, 4>();
+  return bits == 2 ? max_rows<128, 2>() : max_rows<128, 4>();
+}
 
 void launch_extend(const ExtendParams& p, int head_dim, int bits, bool bf16, cudaStream_t stream) {
   if (bf16) {

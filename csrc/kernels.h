@@ -86,5 +86,7 @@ void launch_store(const StoreParams& p, int head_dim, int bits, bool bf16, cudaS
 void launch_decode(const DecodeParams& p, int head_dim, int bits, bool bf16, cudaStream_t stream);
 int decode_blocks_per_sm(int head_dim, int bits, bool bf16);
 void launch_extend(const ExtendParams& p, int head_dim, int bits, bool bf16, cudaStream_t stream);
+// The most extend rows per CTA (128 or 64) whose shared memory the current GPU grants one CTA.
+int extend_max_rows(int head_dim, int bits);
 
 }  // namespace oscar

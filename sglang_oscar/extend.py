@@ -114,16 +114,21 @@ def fill_scratch(k, v, res_k, res_v, plan):
 
 
 _SMS = {}
+_MAX_ROWS = {}
 
 
-def _blocks(plan, g: int, H: int):
+def _blocks(plan, g: int, H: int, D: int, bits: int):
     """Query blocks of the plan for g query heads per KV head: (rows, tokens per block, blk_start, count).
-    128 rows per CTA halve the dequantization per query, 64 fill the GPU when the batch is small."""
+    128 rows per CTA halve the dequantization per query, 64 fill the GPU when the batch is small (and
+    are all a GPU with 99 KB of shared memory per CTA can run at head_dim 128)."""
     if g not in plan["blocks"]:
         dev = plan["ext"].device
         if dev not in _SMS:
             _SMS[dev] = torch.cuda.get_device_properties(dev).multi_processor_count
-        for rows in ROWS:
+        if (dev, D, bits) not in _MAX_ROWS:
+            with torch.cuda.device(dev):
+                _MAX_ROWS[dev, D, bits] = ops.load().extend_max_rows(D, bits)
+        for rows in [r for r in ROWS if r <= _MAX_ROWS[dev, D, bits]]:
             tb = rows // g
             count = sum(-(-e // tb) for e in plan["ext_cpu"])
             if tb and count * H >= WAVE_CTAS * _SMS[dev]:
@@ -149,7 +154,7 @@ def run_extend(q, layer_pool: dict, raw_k, raw_v, plan, cfg: OscarConfig, sm_sca
     scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(D)
     if not kernel_usable(q):
         return extend_reference(q, layer_pool, raw_k, raw_v, plan, cfg, scale, return_lse)
-    rows, tb, blk_start, n_blocks = _blocks(plan, Hq // H, H)
+    rows, tb, blk_start, n_blocks = _blocks(plan, Hq // H, H, D, cfg.bits)
     out = torch.empty_like(q) if out is None else out
     if lse is None:
         lse = q.new_empty((q.shape[0], Hq) if return_lse else 0, dtype=torch.float32)

@@ -17,7 +17,9 @@ MIN_HEAD_DIM = 32
 KERNEL_PAGE_SIZES = (32, 64, 128)
 KERNEL_HEAD_DIMS = (64, 128)
 KERNEL_DTYPES = (torch.bfloat16, torch.float16)
-KERNEL_ARCHS = ((9, 0),)     # compute capabilities the kernels are built for (sm_90a: bulk copies, mbarriers)
+# Compute capabilities the kernels are built for, each for its own machine code (ops.target_arch):
+# sm_90a and sm_100 stream pages by bulk async copies; sm_80/86/89 by 16-byte cp.async.
+KERNEL_ARCHS = ((8, 0), (8, 6), (8, 9), (9, 0), (10, 0))
 MAX_HEADS_PER_CTA = 8        # query heads of one KV head per decode CTA (the MMA's N = 8)
 
 

@@ -26,7 +26,7 @@ fixed buffers can be captured in a CUDA graph and replayed with new lengths in t
 Split-KV schedule (static, decided on the device): a batch of B queries gets at most
 `splits` = max(1, budget // B) CTAs per (query, KV head, head chunk), budget = the CTAs one wave
 of the GPU holds divided by the KV-head x head-chunk CTAs of one query; query b uses
-min(splits, ceil(stages_b / MIN_SPLIT_STAGES)) of them over whole 128-token stages
+min(splits, ceil(units_b / MIN_SPLIT_STAGES)) of them over whole 128-token units
 (split_schedule is the twin of the kernel's split_range).
 """
 from __future__ import annotations
@@ -43,7 +43,7 @@ from .reference import attend
 from .shapes import MAX_HEADS_PER_CTA, kernel_problem
 
 MIN_SPLIT_STAGES = 2    # = kMinSplitStages in csrc/kernels.h
-STAGE_TOKENS = 128      # tokens per shared-memory stage of the decode kernel
+STAGE_TOKENS = 128      # tokens per split unit of the decode kernel (half its shared-memory stage)
 
 
 def _aligned(t: torch.Tensor) -> torch.Tensor:

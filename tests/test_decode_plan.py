@@ -87,23 +87,40 @@ def fake_gpu(monkeypatch):
     return cap
 
 
-def test_kernels_gated_on_compute_capability(fake_gpu, caplog):
+def test_kernels_gated_on_compute_capability(fake_gpu, caplog, monkeypatch):
     cfg = OscarConfig(method="oscar", bits=2, page_size=64)
-    fake_gpu["value"] = (9, 0)
-    assert ops.available() and ops.unsupported_reason() is None
-    assert decode_kernels_usable("cuda", cfg, 128)
-    for cap in ((8, 0), (8, 9), (10, 0), (12, 0)):
+    monkeypatch.delenv("SGLANG_OSCAR_ARCH", raising=False)
+    for cap, arch in (((8, 0), "80"), ((8, 6), "86"), ((8, 9), "89"), ((9, 0), "90a"), ((10, 0), "100")):
+        fake_gpu["value"] = cap
+        assert ops.available() and ops.unsupported_reason() is None
+        assert decode_kernels_usable("cuda", cfg, 128)
+        assert ops.target_arch() == arch and ops.cuda_flags()[-1] == f"arch=compute_{arch},code=sm_{arch}"
+    for cap in ((7, 5), (8, 7), (12, 0)):
         fake_gpu["value"] = cap
         assert not ops.available()
         assert f"{cap[0]}.{cap[1]}" in ops.unsupported_reason()
         with pytest.raises(RuntimeError, match="cannot run on this GPU"):
             ops.load()
-    fake_gpu["value"] = (8, 0)
+    fake_gpu["value"] = (7, 5)
     with caplog.at_level(logging.WARNING, logger=backend.logger.name):
         assert not decode_kernels_usable("cuda", cfg, 128)
         assert not decode_kernels_usable("cuda", cfg, 128)   # a second backend (another layer set)
     warnings = [r for r in caplog.records if "torch path" in r.getMessage()]
-    assert len(warnings) == 1 and "compute capability 8.0" in warnings[0].getMessage()
+    assert len(warnings) == 1 and "compute capability 7.5" in warnings[0].getMessage()
+
+
+def test_build_target_override(fake_gpu, monkeypatch):
+    fake_gpu["value"] = (9, 0)
+    monkeypatch.setenv("SGLANG_OSCAR_ARCH", "sm_80")   # PTX only: a Hopper runs it by JIT
+    assert ops.target_arch() == "80" and ops.cuda_flags()[-1] == "arch=compute_80,code=compute_80"
+    monkeypatch.setenv("SGLANG_OSCAR_ARCH", "90a")
+    assert ops.cuda_flags()[-1] == "arch=compute_90a,code=compute_90a"
+    monkeypatch.setenv("SGLANG_OSCAR_ARCH", "ampere")
+    with pytest.raises(ValueError, match="SGLANG_OSCAR_ARCH"):
+        ops.target_arch()
+    monkeypatch.delenv("SGLANG_OSCAR_ARCH")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert ops.target_arch() == "90a"     # no GPU (a CPU build): the Hopper build
 
 
 def test_kernels_gated_on_shape_and_override(fake_gpu, monkeypatch, caplog):
