@@ -15,7 +15,7 @@ import os
 import sys
 
 from .config import OscarConfig, set_current
-from .hadamard import is_power_of_two
+from .shapes import head_dim_problem
 
 logger = logging.getLogger("sglang_oscar")
 
@@ -76,9 +76,10 @@ def _backends(a):
 
 
 def _speculative(a):
-    if a.speculative_algorithm is not None or a.speculative_draft_model_path is not None \
-            or a.decoupled_spec_role not in (None, "null"):
-        what = a.speculative_algorithm or "a draft model"
+    decoupled = a.decoupled_spec_role not in (None, "null")
+    if a.speculative_algorithm is not None or a.speculative_draft_model_path is not None or decoupled:
+        what = a.speculative_algorithm or (f"--decoupled-spec-role {a.decoupled_spec_role}" if decoupled
+                                           else "a draft model")
         return (f"speculative decoding ({what}) is not supported with OScaR "
                 "(draft KV moves copy raw KV bytes)")
 
@@ -132,6 +133,8 @@ REFUSALS = (
           "the radix tree, where the packed pool's per-request residual row does not follow it"),
     _flag("enable_session_radix_cache", "session caching keeps a request's partial page outside the "
           "per-request residual row of the packed pool"),
+    _flag("kv_canary", "the KV canary attaches its own buffers to the KV pool and checks raw K/V writes",
+          lambda v: v not in (None, "none")),
     _flag("kv_canary_real_data", "the KV canary reads raw K/V bytes", lambda v: v not in (None, "none")),
 )
 
@@ -160,27 +163,36 @@ def head_dim_of(c: dict) -> int:
     return c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
 
 
-def check_model(model_path: str) -> None:
-    """Refuse models OScaR cannot serve, from their config.json (before SGLang loads anything)."""
+def model_problem(model_path: str) -> str | None:
+    """Why OScaR cannot serve this model, from its config.json (before SGLang loads anything)."""
     c = model_config(model_path)
     if c is None:
-        return  # SGLang resolves it; the pool/backend checks still apply
+        return None  # SGLang resolves it; the pool/backend checks still apply
     archs = set(c.get("architectures") or [])
     if "kv_lora_rank" in c or "q_lora_rank" in c:
-        raise LaunchError(f"{model_path}: MLA models are not supported by OScaR (MHA/GQA only)")
+        return f"{model_path}: MLA models are not supported by OScaR (MHA/GQA only)"
     if not archs & SUPPORTED_ARCHS:
-        raise LaunchError(f"{model_path}: architecture {sorted(archs)} is not supported "
-                          f"(supported: {', '.join(sorted(SUPPORTED_ARCHS))})")
+        return (f"{model_path}: architecture {sorted(archs)} is not supported "
+                f"(supported: {', '.join(sorted(SUPPORTED_ARCHS))})")
     if c.get("quantization_config"):
         method = c["quantization_config"].get("quant_method", "?")
-        raise LaunchError(f"{model_path}: quantized weights ({method}) are not supported by OScaR "
-                          "(the V rotation is folded into v_proj/o_proj, which needs unquantized weights)")
-    head_dim = head_dim_of(c)
-    if not is_power_of_two(head_dim) or head_dim < 32:
-        raise LaunchError(f"{model_path}: head_dim {head_dim} is not a power of two >= 32 "
-                          "(the per-head Hadamard and 32-channel V groups need one)")
+        return (f"{model_path}: quantized weights ({method}) are not supported by OScaR "
+                "(the V rotation is folded into v_proj/o_proj, which needs unquantized weights)")
+    problem = head_dim_problem(head_dim_of(c))
+    if problem:
+        return f"{model_path}: {problem}"
     if c.get("use_sliding_window") or (c.get("sliding_window") and "Mistral" in " ".join(archs)):
-        raise LaunchError(f"{model_path}: sliding-window attention is not supported by OScaR")
+        return f"{model_path}: sliding-window attention is not supported by OScaR"
+    return None
+
+
+def serve_problem(a, cfg: OscarConfig) -> str | None:
+    """Why OScaR cannot serve these SGLang arguments (a parse or a ServerArgs) and their model, or None.
+
+    The launcher asks before starting SGLang; the oscar backend's factory asks again, for a server
+    started through SGLang's own launcher with the plugin's config in the environment.
+    """
+    return refusal(a, cfg) or model_problem(a.model_path)
 
 
 # ---- what the plugin needs, added where the user left SGLang's default -------------------------
@@ -243,10 +255,9 @@ def resolve(argv: list[str]):
         rest = ["--model-path", default_model_path()] + rest
         sg.model_path = rest[1]
     if cfg.quantized:
-        msg = refusal(sg, cfg)
+        msg = serve_problem(sg, cfg)
         if msg:
             raise LaunchError(msg)
-        check_model(sg.model_path)
     return cfg, rest + additions(cfg, sg, cuda_available())
 
 

@@ -12,7 +12,8 @@ the registry only logs failures):
                  Scheduler.emit_metrics_constants -> the pool's Prometheus gauges (--enable-metrics)
   weight updates SchedulerWeightUpdaterManager's online loads -> refused (400) where V is rotated:
                  new weights would arrive without the fold
-The hooks are verified where failing stops the launch: the `oscar` backend's factory, below.
+The hooks are verified, and the launcher's refusals checked again, where failing stops the launch:
+the `oscar` backend's factory, below.
 """
 from __future__ import annotations
 
@@ -66,12 +67,7 @@ def register() -> None:
     if "oscar" not in ATTENTION_BACKEND_CHOICES:
         add_attention_backend_choices(["oscar"])
 
-    @register_attention_backend("oscar")
-    def _make_backend(model_runner):
-        verify_hooks(model_runner)
-        from .backend import OscarAttnBackend
-        return OscarAttnBackend(model_runner)
-
+    register_attention_backend("oscar")(_make_backend)
     HookRegistry.register(T_POOL_CLASS, _pool_class, HookType.AROUND)
     HookRegistry.register(T_POOL_BUILD, _pool_build, HookType.AROUND)
     HookRegistry.register(T_SIZING, _sizing, HookType.AFTER)
@@ -83,6 +79,19 @@ def register() -> None:
     if cfg.rotate:
         for name, reply in WEIGHT_UPDATES.items():
             HookRegistry.register(f"{T_UPDATER}.{name}", _refuse_weight_update(reply), HookType.REPLACE)
+
+
+def _make_backend(model_runner):
+    """The `oscar` attention backend's factory, run in each scheduler process."""
+    # A server started by SGLang's own launcher with the config in the environment skipped the
+    # OScaR launcher's refusals: judge the arguments this server actually runs with, here.
+    from .launch_server import serve_problem  # lazily: the launcher imports this module
+    msg = serve_problem(model_runner.server_args, current())
+    if msg:
+        raise RuntimeError(f"sglang_oscar: {msg}")
+    verify_hooks(model_runner)
+    from .backend import OscarAttnBackend
+    return OscarAttnBackend(model_runner)
 
 
 # ---- hooks -----------------------------------------------------------------------------------

@@ -8,9 +8,12 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import types
 
 import pytest
 
+from sglang_oscar import config, plugin
+from sglang_oscar.config import OscarConfig
 from sglang_oscar.launch_server import LaunchError, parse_sglang_args, resolve
 
 LLAMA = {"architectures": ["LlamaForCausalLM"], "hidden_size": 576, "num_attention_heads": 9,
@@ -39,14 +42,19 @@ REFUSED = [
     (["--speculative-algorithm", "EAGLE"], "speculative decoding (EAGLE) is not supported"),
     (["--speculative-algo", "NGRAM"], "speculative decoding (NGRAM) is not supported"),
     (["--speculative-draft-model-path", "/x"], "speculative decoding (a draft model)"),
+    (["--decoupled-spec-role", "verifier"], "speculative decoding (--decoupled-spec-role verifier)"),
+    (["--decoupled-spec-role", "drafter"], "speculative decoding (--decoupled-spec-role drafter)"),
     (["--enable-hierarchical-cache"], "--enable-hierarchical-cache is not supported with OScaR: HiCache"),
     (["--enable-hierarchical"], "--enable-hierarchical-cache is not supported"),
     (["--hicache-storage-backend", "file"], "--hicache-storage-backend file is not supported"),
     (["--enable-hisparse"], "--enable-hisparse is not supported"),
     (["--enable-lmcache"], "--enable-lmcache is not supported"),
     (["--enable-flexkv"], "--enable-flexkv is not supported"),
+    (["--enable-unified-cache-external-linker"],
+     "--enable-unified-cache-external-linker is not supported with OScaR: the external KV linker"),
     (["--disaggregation-mode", "prefill"], "PD disaggregation"),
     (["--disaggregation-mode", "decode"], "PD disaggregation"),
+    (["--enable-pd-role-switch"], "--enable-pd-role-switch is not supported with OScaR: PD role switching"),
     (["--enable-kv-cache-sharding"], "--enable-kv-cache-sharding is not supported"),
     (["--enable-unified-memory"], "--enable-unified-memory is not supported"),
     (["--enable-page-major-kv-layout"], "--enable-page-major-kv-layout is not supported"),
@@ -54,6 +62,7 @@ REFUSED = [
     (["--attn-dp-size", "2"], "DP attention"),
     (["--dcp-size", "2"], "decode context parallelism"),
     (["--attn-cp-size", "2"], "context parallelism splits"),
+    (["--enable-prefill-cp"], "--enable-prefill-cp is not supported with OScaR: context-parallel prefill"),
     (["--enable-lora"], "--enable-lora is not supported with OScaR: the V rotation is folded"),
     (["--lora-paths", "a=/tmp/adapter"], LORA),
     (["--enable-memory-saver"], "--enable-memory-saver is not supported"),
@@ -62,7 +71,10 @@ REFUSED = [
     (["--enable-streaming-session"], "--enable-streaming-session is not supported"),
     (["--enable-session-radix-cache"], "--enable-session-radix-cache is not supported"),
     (["--quantization", "fp8"], "--quantization fp8 is not supported"),
+    (["--modelopt-quant", "fp8"], "--modelopt-quant fp8 is not supported with OScaR: the V rotation"),
     (["--kv-canary-real-data", "all"], "the KV canary reads raw K/V bytes"),
+    (["--kv-canary", "log"], "--kv-canary log is not supported with OScaR: the KV canary attaches"),
+    (["--kv-canary", "raise", "--kv-canary-sweep-interval", "8"], "--kv-canary raise is not supported"),
     (["--oscar-page-size", "128", "--page-size", "64"], "differs from --oscar-page-size"),
     (["--page-size", "16"], "multiple of the 32-token K group"),
     (["--oscar-page-size", "48"], "multiple of the 32-token K group"),
@@ -90,16 +102,68 @@ def test_bad_values_stop_with_the_parsers_message(llama, flags, capsys):
     assert e.value.code == 2 and "error:" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("overrides, message", [
+MODELS_REFUSED = [
     ({"kv_lora_rank": 512, "architectures": ["DeepseekV3ForCausalLM"]}, "MLA models are not supported"),
     ({"architectures": ["GPT2LMHeadModel"]}, "is not supported"),
-    ({"head_dim": 80}, "head_dim 80 is not a power of two"),
+    ({"head_dim": 80}, "head_dim 80 is not a power of two >= 32"),
+    ({"head_dim": 16}, "head_dim 16 is not a power of two >= 32"),
     ({"use_sliding_window": True, "architectures": ["Qwen2ForCausalLM"]}, "sliding-window"),
     ({"quantization_config": {"quant_method": "awq"}}, r"quantized weights \(awq\)"),
-])
+]
+
+
+@pytest.mark.parametrize("overrides, message", MODELS_REFUSED)
 def test_unsupported_models_are_refused(tmp_path, overrides, message):
     with pytest.raises(LaunchError, match=message):
         resolve(["--model-path", model_dir(tmp_path, **overrides)])
+
+
+# ---- the same refusals for a server started by SGLang's own launcher ---------------------------
+# With SGLANG_OSCAR_CONFIG set, `python -m sglang.launch_server` loads the plugin without the OScaR
+# launcher; the oscar backend's factory then judges the server's own arguments.
+def _factory(monkeypatch, server_args):
+    monkeypatch.setattr(config, "_current", OscarConfig())
+    runner = types.SimpleNamespace(server_args=server_args, token_to_kv_pool=object())
+    return lambda: plugin._make_backend(runner)
+
+
+SGLANG_ONLY = [(f, m) for f, m in REFUSED if not any(x.startswith(("--oscar", "--page-size")) for x in f)]
+
+
+@pytest.mark.parametrize("flags, message", SGLANG_ONLY, ids=[" ".join(f) for f, _ in SGLANG_ONLY])
+def test_backend_factory_refuses_flags_the_launcher_refuses(llama, monkeypatch, flags, message):
+    make = _factory(monkeypatch, parse_sglang_args(["--model-path", llama, "--page-size", "64",
+                                                     "--attention-backend", "oscar", *flags]))
+    with pytest.raises(RuntimeError) as e:
+        make()
+    assert str(e.value).startswith("sglang_oscar: ") and message in str(e.value)
+
+
+@pytest.mark.parametrize("overrides, message", MODELS_REFUSED)
+def test_backend_factory_refuses_models_the_launcher_refuses(tmp_path, monkeypatch, overrides, message):
+    make = _factory(monkeypatch, parse_sglang_args(["--model-path", model_dir(tmp_path, **overrides)]))
+    with pytest.raises(RuntimeError, match="sglang_oscar: .*" + message):
+        make()
+
+
+def test_backend_factory_refuses_sglangs_default_page_size(llama, monkeypatch):
+    # SGLang's own launcher leaves page size 1; the packed pool is laid out in --oscar-page-size pages.
+    make = _factory(monkeypatch, parse_sglang_args(["--model-path", llama, "--page-size", "1"]))
+    with pytest.raises(RuntimeError, match="--page-size 1 differs from --oscar-page-size 64"):
+        make()
+
+
+def test_backend_factory_accepts_what_the_launcher_hands_sglang(llama, monkeypatch):
+    class PastTheRefusals(Exception):
+        pass
+
+    def verify_hooks(runner):  # the factory's next step, which a fake runner cannot pass
+        raise PastTheRefusals
+    monkeypatch.setattr(plugin, "verify_hooks", verify_hooks)
+    _, argv = resolve(["--model-path", llama])
+    make = _factory(monkeypatch, parse_sglang_args(argv))
+    with pytest.raises(PastTheRefusals):
+        make()
 
 
 def test_bf16_method_is_plain_sglang(tmp_path):
