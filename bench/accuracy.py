@@ -262,6 +262,15 @@ def backend_attention(st, layer_id, query, key, value, scaling):
     return out.view(B, T, Hq, D).to(query.dtype), None
 
 
+def _repo_relative(path) -> str:
+    """A results path as recorded in a JSON: relative to the checkout, not the machine's layout."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        return str(Path(path).resolve().relative_to(root))
+    except ValueError:
+        return Path(path).name
+
+
 # ---- running the model ------------------------------------------------------------------------
 class Engine:
     def __init__(self, model_dir, device="cpu", attention="reference"):
@@ -515,9 +524,10 @@ class Study:
         self.bf16_answers = bf16[:self.n_prompts]  # chat_prompts' first n prompts are the same for any n
         like = (ref["passkey"]["lengths"], ref["passkey"]["trials"], ref["agreement"]["prompts"]) == \
             (self.lengths, self.trials, self.n_prompts)
-        res["compared_to"] = {"json": str(ref_path), "hardware": ref["hardware"], "like_for_like": like,
+        ref_name = _repo_relative(ref_path)
+        res["compared_to"] = {"json": ref_name, "hardware": ref["hardware"], "like_for_like": like,
                               "diff": "this run minus the reference row"}
-        res["agreement"]["bf16_tokens_from"] = str(ref_path)
+        res["agreement"]["bf16_tokens_from"] = ref_name
         if not like:
             self.log("note: passkey lengths/trials or prompts differ from the reference run: not like for like")
 
