@@ -1,16 +1,19 @@
 """Prefill (extend) attention of the oscar backend on CUDA: one layer, one request, a chunk of T new
 tokens after a cached prefix of S tokens, through the backend itself (raw scratch, one page store
 launch for the pages the step completes, the residual tail, the extend kernel), in both prefill
-modes, against bf16 flash attention (torch SDPA) over the same keys; the extend kernel alone is
-timed too (kernel_ms, the same step's attention without the scratch and the store).
+modes, against bf16 flash attention (torch SDPA) over the same keys. The backend takes the flash path
+(flash.py: dequantize the pages once, FlashAttention varlen, merge) for steps of flash.MIN_TOKENS new
+tokens or more and the extend kernel below; both are timed alone too (*_kernel_ms, *_flash_ms: the
+step's attention without the scratch and the store), which is where MIN_TOKENS comes from.
 
-    python bench/extend.py [--out bench/results]     -> extend_h200.json + extend_h200.png
+    python bench/extend.py [--out bench/results]     -> extend_<gpu>.json + extend_<gpu>.png (h200, h100, ...)
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import re
 import sys
 import time
 import types
@@ -26,7 +29,8 @@ from randpool import random_pool  # noqa: E402
 DEV = "cuda"
 P = 64
 SHAPES = [(32, 8, 128), (9, 3, 64)]             # Llama-3.1-8B, SmolLM2-135M heads
-CASES = [(0, 2048), (8192, 2048), (24576, 2048), (0, 8192), (8192, 8192), (24576, 8192)]  # (prefix S, chunk T)
+CASES = [(24576, 16), (24576, 128), (24576, 512), (2048, 128), (0, 512),      # (prefix S, chunk T)
+         (0, 2048), (8192, 2048), (24576, 2048), (0, 8192), (8192, 8192), (24576, 8192)]
 
 
 def setup(hq, hkv, d, S, T, kernels, prefill="page"):
@@ -63,7 +67,8 @@ def cuda_ms(f, iters):
 
 
 def time_backend(hq, hkv, d, S, T, iters, prefill="page"):
-    """(whole forward_extend ms, extend kernel alone ms, first call incl. planning ms)."""
+    """(whole forward_extend ms, extend kernel alone ms, flash path alone ms, first call incl. planning ms,
+    the path the backend took)."""
     from sglang_oscar.extend import fill_scratch, run_extend
     be, layer, fb, q, k, v = setup(hq, hkv, d, S, T, True, prefill)
     h0 = time.perf_counter()
@@ -73,14 +78,21 @@ def time_backend(hq, hkv, d, S, T, iters, prefill="page"):
     first_ms = (time.perf_counter() - h0) * 1000
     assert torch.isfinite(out).all()
     ms = cuda_ms(lambda: be.forward_extend(q, k, v, layer, fb), iters)
+    plan = be._extend_batch
+    path = "flash" if plan["use_flash"] else "kernel"
     pages, res_k, res_v = be.token_to_kv_pool.layer(0)
-    raw_k, raw_v = fill_scratch(k, v, res_k, res_v, be._extend_batch)
+    raw_k, raw_v = fill_scratch(k, v, res_k, res_v, plan)
     qh = q.view(T, hq, d)
-    kern = cuda_ms(lambda: run_extend(qh, pages, raw_k, raw_v, be._extend_batch, be.cfg, layer.scaling), iters)
-    return ms, kern, first_ms
+    alone = {}
+    for use in (False, True):
+        plan["use_flash"] = use
+        alone[use] = cuda_ms(lambda: run_extend(qh, pages, raw_k, raw_v, plan, be.cfg, layer.scaling), iters)
+    return ms, alone[False], alone[True], first_ms, path
 
 
-def time_sdpa(hq, hkv, d, S, T, iters=10):
+def time_sdpa(hq, hkv, d, S, T, iters=10, backend=None):
+    """bf16 SDPA over S+T keys, causal: torch's own dispatch (backend None) or one backend forced."""
+    from torch.nn.attention import sdpa_kernel
     from torch.nn.attention.bias import causal_lower_right
     q = torch.randn(1, hq, T, d, device=DEV, dtype=torch.bfloat16)
     k = torch.randn(1, hkv, S + T, d, device=DEV, dtype=torch.bfloat16)
@@ -91,8 +103,11 @@ def time_sdpa(hq, hkv, d, S, T, iters=10):
     def f():
         if S:
             return torch.nn.functional.scaled_dot_product_attention(q, kr, vr, attn_mask=mask)
-        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-    return cuda_ms(f, iters)
+        return torch.nn.functional.scaled_dot_product_attention(q, kr, vr, is_causal=True)
+    if backend is None:
+        return cuda_ms(f, iters)
+    with sdpa_kernel([backend]):
+        return cuda_ms(f, iters)
 
 
 def plot(rows, path):
@@ -104,8 +119,8 @@ def plot(rows, path):
         rs = [r for r in rows if (r["hq"], r["hkv"], r["d"]) == (hq, hkv, d)]
         xs = range(len(rs))
         w = 0.27
-        for i, (key, label) in enumerate([("oscar_ms", "oscar-2 extend (page prefill)"),
-                                          ("oscar_chunk_ms", "oscar-2 extend (chunk prefill)"),
+        for i, (key, label) in enumerate([("oscar_ms", "oscar-2 (page prefill)"),
+                                          ("oscar_chunk_ms", "oscar-2 (chunk prefill)"),
                                           ("bf16_sdpa_ms", "bf16 SDPA (flash)")]):
             ax.bar([x + (i - 1) * w for x in xs], [r[key] for r in rs], w, label=label)
         ax.set_xticks(list(xs), [f"S={r['prefix']}\nT={r['chunk']}" for r in rs])
@@ -128,29 +143,45 @@ def main():
         for S, T in CASES:
             r = dict(hq=hq, hkv=hkv, d=d, bits=2, page_size=P, prefix=S, chunk=T)
             for mode, key in (("page", "oscar"), ("chunk", "oscar_chunk")):
-                ms, kern, first = time_backend(hq, hkv, d, S, T, iters=10, prefill=mode)
-                r.update({f"{key}_ms": round(ms, 3), f"{key}_kernel_ms": round(kern, 3),
-                          f"{key}_first_call_ms": round(first, 1)})
+                ms, kern, fl, first, path = time_backend(hq, hkv, d, S, T, iters=10, prefill=mode)
+                r.update({f"{key}_ms": round(ms, 3), f"{key}_path": path, f"{key}_kernel_ms": round(kern, 3),
+                          f"{key}_flash_ms": round(fl, 3), f"{key}_first_call_ms": round(first, 1)})
+            from torch.nn.attention import SDPBackend
             r["bf16_sdpa_ms"] = round(time_sdpa(hq, hkv, d, S, T), 3)
+            r["bf16_fa2_ms"] = round(time_sdpa(hq, hkv, d, S, T, backend=SDPBackend.FLASH_ATTENTION), 3)
+            # attention FLOPs of the step (QK and PV, causal), per second at SDPA's time
+            r["bf16_sdpa_tflops"] = round(4 * T * (S + (T + 1) / 2) * d * hq / r["bf16_sdpa_ms"] / 1e9, 1)
             r["ratio_page"] = round(r["oscar_ms"] / r["bf16_sdpa_ms"], 2)
             r["ratio_chunk"] = round(r["oscar_chunk_ms"] / r["bf16_sdpa_ms"], 2)
             rows.append(r)
-            print(f"{hq}/{hkv} d={d} S={S} T={T}: page {r['oscar_ms']:.3f} ms (kernel {r['oscar_kernel_ms']:.3f}), "
-                  f"chunk {r['oscar_chunk_ms']:.3f} ms (kernel {r['oscar_chunk_kernel_ms']:.3f}), "
-                  f"bf16 SDPA {r['bf16_sdpa_ms']:.3f} ms: {r['ratio_page']}x / {r['ratio_chunk']}x", flush=True)
+            print(f"{hq}/{hkv} d={d} S={S} T={T}: page {r['oscar_ms']:.3f} ms ({r['oscar_path']}; kernel "
+                  f"{r['oscar_kernel_ms']:.3f} flash {r['oscar_flash_ms']:.3f}), chunk {r['oscar_chunk_ms']:.3f} ms "
+                  f"({r['oscar_chunk_path']}; kernel {r['oscar_chunk_kernel_ms']:.3f} flash "
+                  f"{r['oscar_chunk_flash_ms']:.3f}), bf16 SDPA {r['bf16_sdpa_ms']:.3f} ms: "
+                  f"{r['ratio_page']}x / {r['ratio_chunk']}x (SDPA {r['bf16_sdpa_tflops']} TFLOP/s; FA2 forced "
+                  f"{r['bf16_fa2_ms']:.3f} ms)", flush=True)
     import importlib.util
     props = torch.cuda.get_device_properties(0)
-    result = dict(rows=rows, hardware=dict(gpu=props.name, torch=torch.__version__, cuda=torch.version.cuda),
+    from sglang_oscar import flash
+    result = dict(rows=rows, flash_rule=dict(min_tokens=flash.MIN_TOKENS, min_prefix=flash.MIN_PREFIX,
+                  all_tokens=flash.ALL_TOKENS), hardware=dict(gpu=props.name, torch=torch.__version__, cuda=torch.version.cuda),
                   flashinfer_installed=importlib.util.find_spec("flashinfer") is not None,
                   notes="one layer, one request, oscar-2; oscar_ms / oscar_chunk_ms = forward_extend through the "
-                        "backend (raw scratch + page store + residual tail + the extend kernel), page and chunk "
-                        "prefill, mean of 10 calls after a planning call; *_kernel_ms = the extend kernel alone; "
-                        "bf16_sdpa_ms = torch SDPA (flash) over S+T bf16 keys, causal (the prefix cases repeat the "
-                        "KV heads outside the timing); FlashInfer's prefill is the other bf16 baseline the goal "
+                        "backend (raw scratch + page store + residual tail + attention by the path it takes, *_path: "
+                        "flash where flash_rule says so: min_tokens new tokens and min_prefix cached ones, or all_tokens new), page and chunk prefill, mean of 10 "
+                        "calls after a planning call; *_kernel_ms / *_flash_ms = the step's attention alone "
+                        "through the extend kernel / the flash path (dequantize, FlashAttention varlen, merge); "
+                        "bf16_sdpa_ms = torch SDPA over S+T bf16 keys, causal, its own backend choice (the KV heads "
+                        "repeated outside the timing; a prefix needs the lower-right causal mask, which only its "
+                        "FlashAttention-2 backend takes; with no prefix it may pick cuDNN), bf16_fa2_ms = the same "
+                        "with FlashAttention-2 forced (the kernel the flash path runs), bf16_sdpa_tflops = the "
+                        "step's attention FLOPs per second at bf16_sdpa_ms; FlashInfer's prefill is the other bf16 baseline the goal "
                         "names, but it is not installed on this machine (flashinfer_installed).")
-    with open(os.path.join(a.out, "extend_h200.json"), "w") as f:
+    m = re.search(r"\b([A-Z]\d{2,3})\b", props.name)
+    tag = m.group(1).lower() if m else "gpu"
+    with open(os.path.join(a.out, f"extend_{tag}.json"), "w") as f:
         json.dump(result, f, indent=1)
-    plot(rows, os.path.join(a.out, "extend_h200.png"))
+    plot(rows, os.path.join(a.out, f"extend_{tag}.png"))
 
 
 if __name__ == "__main__":

@@ -196,6 +196,61 @@ void extend(torch::Tensor q, torch::Tensor kc, torch::Tensor ks, torch::Tensor k
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// Packed pages -> model-dtype K/V for the flash prefill path (csrc/dequant.cu).
+void dequant(torch::Tensor kc, torch::Tensor ks, torch::Tensor kz, torch::Tensor vc, torch::Tensor vs,
+             torch::Tensor vz, torch::Tensor kn, torch::Tensor page_ids, torch::Tensor out_k, torch::Tensor out_v,
+             int64_t bits) {
+  const bool bf16 = model_dtype(out_k);
+  CHECK_T(out_k, out_k.scalar_type()); CHECK_T(out_v, out_k.scalar_type()); CHECK_T(page_ids, torch::kInt64);
+  const int H = kc.size(1), P = kn.size(1), D = kc.size(3), N = page_ids.numel();
+  check_shape(P, D, bits);
+  check_pool(kc, ks, kz, vc, vs, vz, kn, H, P, D, bits);
+  TORCH_CHECK(out_k.dim() == 3 && out_k.size(0) >= int64_t(N) * P && out_k.size(1) == H && out_k.size(2) == D &&
+                  out_v.sizes() == out_k.sizes(), "out_k/out_v must be [>= N*P, H, D]");
+  const c10::cuda::CUDAGuard guard(out_k.device());
+  oscar::DequantParams p;
+  pool_ptrs(p, kc, ks, kz, vc, vs, vz, kn);
+  p.page_ids = page_ids.data_ptr<int64_t>();
+  p.out_k = out_k.data_ptr(); p.out_v = out_v.data_ptr();
+  p.N = N; p.P = P; p.H = H;
+  oscar::launch_dequant(p, D, bits, bf16, c10::cuda::getCurrentCUDAStream().stream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// Merge of partial attention states by their lse (natural log, any [T, Hq] strides) -> out, lse (log2).
+void merge(std::vector<torch::Tensor> outs, std::vector<torch::Tensor> lses, torch::Tensor out, torch::Tensor lse) {
+  const bool bf16 = model_dtype(out);
+  CHECK_T(out, out.scalar_type());
+  TORCH_CHECK(out.dim() == 3 && (out.size(2) == 64 || out.size(2) == 128), "out must be [T, Hq, 64 or 128]");
+  const int n = outs.size();
+  TORCH_CHECK(n >= 1 && n <= oscar::kMaxMergeParts && int(lses.size()) == n, "1 to 3 parts, one lse each");
+  const int64_t T = out.size(0), Hq = out.size(1);
+  oscar::MergeParams p;
+  for (int i = 0; i < n; ++i) {
+    CHECK_T(outs[i], out.scalar_type());
+    TORCH_CHECK(outs[i].sizes() == out.sizes(), "every part must be shaped like out");
+    const auto& l = lses[i];
+    TORCH_CHECK(l.is_cuda() && l.scalar_type() == torch::kFloat32 && l.dim() == 2, "lse must be CUDA float32 2-D");
+    const bool head_major = l.size(0) == Hq && l.size(1) >= T;   // FlashAttention's [Hq, total_q]
+    TORCH_CHECK(head_major || (l.size(0) == T && l.size(1) == Hq), "lse must be [Hq, T] or [T, Hq]");
+    p.o[i] = outs[i].data_ptr();
+    p.lse[i] = l.data_ptr<float>();
+    p.lse_head_stride[i] = head_major ? l.stride(0) : l.stride(1);
+    p.lse_tok_stride[i] = head_major ? l.stride(1) : l.stride(0);
+  }
+  const bool want_lse = lse.numel() > 0;
+  if (want_lse) {
+    CHECK_T(lse, torch::kFloat32);
+    TORCH_CHECK(lse.numel() >= T * Hq, "lse must hold [T, Hq] floats");
+  }
+  p.n = n; p.T = T; p.Hq = Hq;
+  p.out = out.data_ptr();
+  p.lse_out = want_lse ? lse.data_ptr<float>() : nullptr;
+  const c10::cuda::CUDAGuard guard(out.device());
+  oscar::launch_merge(p, out.size(2), bf16, c10::cuda::getCurrentCUDAStream().stream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -203,6 +258,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("store", &store, "pack full pages into the pool (in place)");
   m.def("decode", &decode, "paged split-KV decode attention over packed pages + residual");
   m.def("extend", &extend, "extend (prefill) attention over packed pages + the step's raw tokens");
+  m.def("dequant", &dequant, "packed pages -> model-dtype K (times its norm) and V");
+  m.def("merge", &merge, "merge partial attention states by their log-sum-exp");
   m.def("blocks_per_sm", &blocks_per_sm, "resident decode CTAs per SM for a (head_dim, bits, dtype)");
   m.def("extend_max_rows", &extend_max_rows, "most extend rows per CTA this GPU's shared memory allows");
 }

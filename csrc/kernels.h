@@ -29,8 +29,8 @@ struct StoreParams {
 // (b, i) derives its page range from num_pages[b] on the device (split_range in decode.cu, twin
 // in wrapper.split_schedule). A query with one split writes out (and lse) directly; otherwise its
 // splits write part_o/part_lse[b * splits + i] and the combine kernel merges them.
-struct DecodeParams {
-  const void* q;                // [B, Hq, D] raw (un-rotated) queries
+// The packed pool of one layer (layout.py: codes, per-channel K / per-token V scale and zero, K norm).
+struct PoolPtrs {
   const int32_t* k_codes;
   const __half* k_scale;
   const __half* k_zero;
@@ -38,6 +38,10 @@ struct DecodeParams {
   const __half* v_scale;
   const __half* v_zero;
   const float* k_norm;
+};
+
+struct DecodeParams : PoolPtrs {
+  const void* q;                // [B, Hq, D] raw (un-rotated) queries
   const int32_t* page_table;
   const int64_t* page_rows;     // [B] or null
   int64_t page_row_stride;
@@ -58,15 +62,8 @@ struct DecodeParams {
 
 constexpr int kMinSplitStages = 2;  // a split streams at least 2 x 128 tokens (amortizes prologue and merge)
 
-struct ExtendParams {
+struct ExtendParams : PoolPtrs {
   const void* q;                // [T, Hq, D] raw queries of the step's new tokens
-  const int32_t* k_codes;
-  const __half* k_scale;
-  const __half* k_zero;
-  const int32_t* v_codes;
-  const __half* v_scale;
-  const __half* v_zero;
-  const float* k_norm;
   const int32_t* req_to_token;  // [rows, stride]: page j of a request is req_to_token[row, j*P] / P
   int64_t req_to_token_stride;
   const void* raw_k;            // [N, H, D] the step's raw tokens (each request's residual, then its new ones)
@@ -82,6 +79,29 @@ struct ExtendParams {
   int chunk;                    // 1: chunk prefill (only the cached prefix's pages packed)
 };
 
+// Packed pages -> model-dtype K (rotated, times the token norm) and V, token-major (csrc/dequant.cu).
+struct DequantParams : PoolPtrs {
+  const int64_t* page_ids;      // [N] pool pages, in output order
+  void* out_k;                  // [N * P, H, D] model dtype
+  void* out_v;
+  int N, P, H;
+};
+
+// Up to kMaxMergeParts partial attention states [T, Hq, D] (model dtype) with natural-log lse
+// (element (t, hq) at hq * lse_head_stride + t * lse_tok_stride) -> out [T, Hq, D], lse_out [T, Hq]
+// (log2-sum-exp, or null).
+constexpr int kMaxMergeParts = 3;
+struct MergeParams {
+  const void* o[kMaxMergeParts];
+  const float* lse[kMaxMergeParts];
+  int64_t lse_head_stride[kMaxMergeParts], lse_tok_stride[kMaxMergeParts];
+  int n, T, Hq;
+  void* out;
+  float* lse_out;
+};
+
+void launch_dequant(const DequantParams& p, int head_dim, int bits, bool bf16, cudaStream_t stream);
+void launch_merge(const MergeParams& p, int head_dim, bool bf16, cudaStream_t stream);
 void launch_store(const StoreParams& p, int head_dim, int bits, bool bf16, cudaStream_t stream);
 void launch_decode(const DecodeParams& p, int head_dim, int bits, bool bf16, cudaStream_t stream);
 int decode_blocks_per_sm(int head_dim, int bits, bool bf16);

@@ -32,7 +32,7 @@ ROWS = (128, 64)   # the kernel's MMA rows per CTA: (token, query head) pairs of
 WAVE_CTAS = 2      # 128-row CTAs (one per SM) only when they fill at least this many waves
 
 
-def _segments(lens: torch.Tensor, total: int):
+def segments(lens: torch.Tensor, total: int):
     """(segment id, offset in segment) of each of the `total` = sum(lens) elements, on lens' device."""
     dev = lens.device
     seg = torch.repeat_interleave(torch.arange(lens.numel(), device=dev), lens, output_size=total)
@@ -40,9 +40,10 @@ def _segments(lens: torch.Tensor, total: int):
     return seg, torch.arange(total, device=dev) - starts[seg]
 
 
-def plan_extend(rows, prefix, ext, prefix_cpu, ext_cpu, P: int, req_to_token) -> dict:
+def plan_extend(rows, prefix, ext, prefix_cpu, ext_cpu, P: int, req_to_token, use_flash=None) -> dict:
     """Device indices of one extend batch. rows/prefix/ext: [B] tensors on the batch's device;
-    prefix_cpu/ext_cpu: the same as host lists (their sums size the index tensors without a sync)."""
+    prefix_cpu/ext_cpu: the same as host lists (their sums size the index tensors without a sync).
+    use_flash: run the step through flash.py (None: where flash.fits says it pays)."""
     dev = req_to_token.device
     rows, prefix, ext = (torch.as_tensor(x, device=dev).to(torch.int64) for x in (rows, prefix, ext))
     seq = prefix + ext
@@ -57,28 +58,28 @@ def plan_extend(rows, prefix, ext, prefix_cpu, ext_cpu, P: int, req_to_token) ->
     N = sum(s // P - a // P for s, a in zip(seq_cpu, prefix_cpu))
     L = sum(s % P for s in seq_cpu)
 
-    seg, off = _segments(ext, T)
+    seg, off = segments(ext, T)
     dst_new = raw_off[seg] + r[seg] + off
     res = None
     if R:
-        seg, off = _segments(r, R)
+        seg, off = segments(r, R)
         res = (rows[seg], off, raw_off[seg] + off)           # residual row, slot -> scratch index
     store = None
     if N:
-        seg, off = _segments(full - first, N)
+        seg, off = segments(full - first, N)
         page_ids = (req_to_token[rows[seg], (first[seg] + off) * P] // P).to(torch.int64)
         start = raw_off[seg] + off * P
         store = ((start[:, None] + torch.arange(P, device=dev)).flatten(), page_ids)
     tail = None
     if L:
-        seg, off = _segments(seq - full * P, L)
+        seg, off = segments(seq - full * P, L)
         tail = (raw_off[seg] + (full - first)[seg] * P + off, rows[seg], off)  # scratch -> residual row, slot
     q_start = torch.cumsum(ext, 0) - ext
     zero = torch.zeros_like(rows)
     info = torch.stack([q_start, ext, prefix, raw_off, rows, zero, zero, zero], 1).to(torch.int32)
     return dict(n_raw=R + T, dst_new=dst_new, res=res, store=store, tail=tail, info=info, ext=ext,
                 ext_cpu=list(ext_cpu), prefix_cpu=list(prefix_cpu), rows=rows, P=P, req_to_token=req_to_token,
-                blocks={})
+                blocks={}, use_flash=use_flash, flash=None)
 
 
 def plan_reference(rows, prefix_cpu, ext_cpu, P: int, req_to_token) -> dict:
@@ -139,6 +140,17 @@ def _blocks(plan, g: int, H: int, D: int, bits: int):
     return plan["blocks"][g]
 
 
+def _flash_serves(plan, cfg: OscarConfig, H: int, D: int) -> bool:
+    """Whether this step runs through flash.py (its plan built at the step's first layer)."""
+    from . import flash
+    use = plan.get("use_flash")
+    if use is None:
+        use = plan["use_flash"] = flash.fits(plan, H, D)
+    if use and plan["flash"] is None:
+        plan["flash"] = flash.plan_flash(plan, cfg)
+    return bool(use)
+
+
 def kernel_usable(q) -> bool:
     return q.is_cuda and ops.available()
 
@@ -154,6 +166,10 @@ def run_extend(q, layer_pool: dict, raw_k, raw_v, plan, cfg: OscarConfig, sm_sca
     scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(D)
     if not kernel_usable(q):
         return extend_reference(q, layer_pool, raw_k, raw_v, plan, cfg, scale, return_lse)
+    if _flash_serves(plan, cfg, H, D):
+        from .flash import run_flash
+        out, lse = run_flash(q, layer_pool, raw_k, raw_v, plan, cfg, scale, out, lse)
+        return (out, lse) if return_lse else out
     rows, tb, blk_start, n_blocks = _blocks(plan, Hq // H, H, D, cfg.bits)
     out = torch.empty_like(q) if out is None else out
     if lse is None:

@@ -12,7 +12,7 @@ pages, residual tail), then the kernel and extend_reference read the same pool a
 Bounds as the decode kernel's (test_kernels_gpu.py says why): max |err| <= 2.5e-2 max |ref|, mean
 |err| <= 1e-2 mean |ref|, lse (base 2) within 0.1.
 The backend's batched extend against its per-request path: test_backend_gpu.run_case with chunks
-that span several query blocks and pages.
+that span several query blocks and pages, all through the extend kernel and all through the flash path.
 """
 from __future__ import annotations
 
@@ -150,8 +150,13 @@ def test_extend_kernel_long(case):
     (32, 9, 3, 64, 4, torch.float16, "chunk"),
     (128, 8, 8, 128, 4, torch.bfloat16, "page"),
 ])
-def test_backend_extend_matches_per_request(P, Hq, H, D, bits, dtype, prefill):
+@pytest.mark.parametrize("flash_path", [False, True], ids=["kernel", "flash"])
+def test_backend_extend_matches_per_request(P, Hq, H, D, bits, dtype, prefill, flash_path, monkeypatch):
+    from sglang_oscar import flash
     from test_backend_gpu import run_case
+    # every extend step through one path
+    for name in ("MIN_TOKENS", "MIN_PREFIX", "ALL_TOKENS"):
+        monkeypatch.setattr(flash, name, 0 if flash_path else 1 << 30)
     # chunks of several query blocks and pages, one mid-page start, one request without a packed page
     worst_ext, worst, _ = run_case("cuda", P, Hq, H, D, bits, dtype, [700, 3 * P + 5, 9, 2 * P], prefill=prefill)
     assert worst_ext < 2.5e-2, worst_ext

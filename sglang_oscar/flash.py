@@ -1,0 +1,282 @@
+"""Large prefills through FlashAttention over dequantized pages (the extend kernel's fast path for big chunks).
+
+A chunk of many queries is bound by its FLOPs, not by the bytes of its keys. So for a large step the
+packed pages its queries read are dequantized once per layer into a model-dtype scratch
+(csrc/dequant.cu), and FlashAttention's variable-length kernel (torch's `_flash_attention_forward`)
+runs the attention, in parts whose states are merged by their log-sum-exp (csrc/dequant.cu, merge).
+The semantics are extend.py's: a query at position p sees keys below qb through their packed pages
+and keys qb..p raw, qb = P * (p // P) (page prefill) or P * (prefix // P) (chunk prefill).
+
+  chunk prefill: (1) every query of a request over its cached prefix's pages (dequantized, all visible);
+                 (2) over the request's raw tokens, causal.
+  page prefill:  (1) query blocks of BLOCK tokens, aligned to absolute positions, over the dequantized
+                 keys below the block (all visible; BLOCK is FlashAttention's query tile, so no tile
+                 runs half empty); (2) each query page over the dequantized pages of its block below
+                 it; (3) each query page over its own raw tokens, causal.
+The sequences of a part may overlap in the key scratch: sequence i reads keys cu_k[i] .. cu_k[i] +
+used[i] (FlashAttention's seqused_k). Queries meet dequantized keys rotated (the Hadamard with +-1
+entries, exact in 16 bits, its 1/sqrt(D) folded into the softmax scale; fp16, see SCRATCH_DTYPE) and
+raw keys as they are.
+
+    fp = plan_flash(plan, cfg)                                   # once per batch (device indices)
+    out, lse = run_flash(q, layer_pool, raw_k, raw_v, plan, cfg, sm_scale)   # per layer, lse base 2
+
+`varlen_reference`, `dequant_reference` and `merge_reference` are the torch twins of the three
+device pieces; the whole path is tested against extend.extend_reference.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import ops
+from .config import OscarConfig
+from .extend import segments
+from .hadamard import hadamard_matrix
+from .layout import FIELDS
+from .quant import load_pages
+
+BLOCK = 128                   # query tile of the page-prefill block part (FlashAttention's M tile)
+# Which steps take this path (bench/extend.py times both): the extend kernel dequantizes the prefix once
+# per query block, this path once per step, so it wins over a cached prefix from a few tokens on; with
+# no prefix to speak of the kernel's one fused launch wins up to a few thousand tokens.
+MIN_TOKENS = 16               # new tokens of the step, at least
+MIN_PREFIX = 1024             # and cached prefix tokens at least, or
+ALL_TOKENS = 4096             # new tokens enough on their own
+SCRATCH_BYTES = 512 << 20     # at most this much dequantized K+V per step, else the extend kernel
+SPLIT_KEYS = 1024             # keys per slice at least, where a part's keys are split (_splits)
+CPU_SMS = 132                 # the twins split as an H200 would, so the CPU tests cover the splits
+
+
+def _part(q_idx, k_start, used, T, n_keys, max_q, max_k, causal, dequantized, tiles=None):
+    """One FlashAttention call: sequence i = queries q_idx[i] .. q_idx[i+1]-1 over keys k_start[i] ..+ used[i].
+    tiles: its number of BLOCK-query tiles (host), where a split of the keys may pay (see _split)."""
+    i32 = torch.int32
+    tail = lambda x, v: torch.cat([x.to(i32), x.new_full((1,), v, dtype=i32)])  # noqa: E731  (no host copy)
+    return dict(cu_q=tail(q_idx, T), cu_k=tail(k_start, n_keys), used=used.to(i32).contiguous(),
+                max_q=int(max_q), max_k=int(max_k), causal=causal, dequantized=dequantized, tiles=tiles, split={},
+                n_keys=n_keys)
+
+
+def _splits(part, Hq: int, sms: int) -> int:
+    """Key splits for a non-causal part whose tiles x heads leave the GPU idle: FlashAttention gives one
+    CTA per (query tile, head) and walks all keys, so a few queries over a long prefix run on a few SMs
+    (32 tokens over 24k: 32 of 132). Each split keeps at least SPLIT_KEYS keys."""
+    if part["tiles"] is None or part["causal"]:
+        return 1
+    ctas = max(1, part["tiles"] * Hq)
+    return max(1, min(-(-2 * sms // ctas), part["max_k"] // SPLIT_KEYS))
+
+
+def _split(part, S: int, T: int):
+    """The part with each sequence's keys cut into S slices, its queries repeated per slice: (part, rows
+    [S*T'] = the query row of each repeated query), cached per S."""
+    if S not in part["split"]:
+        cu_q, cu_k, used = (part[k].to(torch.int64) for k in ("cu_q", "cu_k", "used"))
+        n = used.numel()
+        lq = cu_q[1:] - cu_q[:-1]
+        lk = (used + S - 1) // S
+        ii = torch.arange(n, device=used.device).repeat_interleave(S)
+        jj = torch.arange(S, device=used.device).repeat(n)
+        su = torch.clamp(used[ii] - jj * lk[ii], min=0)
+        seg, off = segments(lq[ii], S * T)
+        rows = cu_q[ii][seg] + off
+        sp = _part(torch.cumsum(lq[ii], 0) - lq[ii], cu_k[ii] + jj * lk[ii], torch.minimum(su, lk[ii]), S * T,
+                   part["n_keys"], part["max_q"], -(-part["max_k"] // S), False, part["dequantized"])
+        part["split"][S] = (sp, rows)
+    return part["split"][S]
+
+
+def _combine(o, lse, rows, T: int):
+    """Merge the slices of a split part back to one state per query row: (out [T, Hq, D], lse [Hq, T])."""
+    l = torch.where(lse == float("inf"), float("-inf"), lse)                  # [Hq, S*T]
+    m = l.new_full((l.shape[0], T), float("-inf")).scatter_reduce(1, rows[None].expand_as(l), l, "amax")
+    mr = m[:, rows]
+    w = torch.where(torch.isfinite(l), torch.exp(l - torch.where(torch.isfinite(mr), mr, 0.0)), 0.0)
+    den = l.new_zeros((l.shape[0], T)).index_add_(1, rows, w)
+    acc = o.new_zeros((T, *o.shape[1:]), dtype=torch.float32).index_add_(0, rows, o.float() * w.t()[..., None])
+    out = (acc / torch.where(den > 0, den, 1.0).t()[..., None]).to(o.dtype)
+    return out, torch.where(den > 0, m + torch.log(den), float("-inf"))
+
+
+def plan_flash(plan: dict, cfg: OscarConfig) -> dict:
+    """Device indices of the flash path for an extend plan (extend.plan_extend), no host sync."""
+    P = plan["P"]
+    info = plan["info"].to(torch.int64)
+    q_start, ext, pre, raw_off, rows = (info[:, i] for i in range(5))
+    pre_c, ext_c = plan["prefix_cpu"], plan["ext_cpu"]
+    seq_c = [a + e for a, e in zip(pre_c, ext_c)]
+    T, n_raw = sum(ext_c), plan["n_raw"]
+    seq = pre + ext
+    page = cfg.prefill == "page"
+    if page:   # pages below the last query's own page
+        n_dq_c = [(s - 1) // P if e else 0 for s, e in zip(seq_c, ext_c)]
+        n_dq = torch.where(ext > 0, (seq - 1) // P, 0)
+    else:      # the cached prefix's whole pages
+        n_dq_c = [a // P if e else 0 for a, e in zip(pre_c, ext_c)]
+        n_dq = torch.where(ext > 0, pre // P, 0)
+    N = sum(n_dq_c)
+    dq_off = (torch.cumsum(n_dq, 0) - n_dq) * P
+    page_ids = None
+    if N:
+        seg, off = segments(n_dq, N)
+        page_ids = (plan["req_to_token"][rows[seg], off * P] // P).to(torch.int64)
+    q_of = lambda s, p: q_start[s] + p - pre[s]  # noqa: E731  query index of position p of request s
+    parts = []
+    if page:
+        B_ = max(BLOCK, P)
+        # (1) blocks [k*B_, (k+1)*B_) of positions over dequantized keys [0, k*B_)
+        nb_c = [(s - 1) // B_ - a // B_ + 1 if e else 0 for a, s, e in zip(pre_c, seq_c, ext_c)]
+        if any(e and (s - 1) // B_ for s, e in zip(seq_c, ext_c)):
+            nb = torch.where(ext > 0, (seq - 1) // B_ - pre // B_ + 1, 0)
+            seg, off = segments(nb, sum(nb_c))
+            k0 = (pre[seg] // B_ + off) * B_
+            lo = torch.maximum(pre[seg], k0)
+            parts.append(_part(q_of(seg, lo), dq_off[seg], k0, T, N * P, B_, max(seq_c), False, True,
+                               tiles=sum(nb_c)))
+        npg_c = [(s - 1) // P - a // P + 1 if e else 0 for a, s, e in zip(pre_c, seq_c, ext_c)]
+        npg = torch.where(ext > 0, (seq - 1) // P - pre // P + 1, 0)
+        seg, off = segments(npg, sum(npg_c))
+        j0 = (pre[seg] // P + off) * P               # the query page's first position
+        lo = torch.maximum(pre[seg], j0)
+        hi = torch.minimum(seq[seg], j0 + P)
+        # (2) the query page over the dequantized pages of its block below it
+        if B_ > P and any(n > 1 or (a // P) % (B_ // P) for a, n in zip(pre_c, npg_c) if n):
+            blk = j0 // B_ * B_
+            parts.append(_part(q_of(seg, lo), dq_off[seg] + blk, j0 - blk, T, N * P, P, B_ - P, False, True))
+        # (3) the query page over its own raw tokens, causal
+        base = pre[seg] // P * P
+        parts.append(_part(q_of(seg, lo), raw_off[seg] + j0 - base, hi - j0, T, n_raw, P, P, True, False))
+    else:
+        if N:
+            parts.append(_part(q_start, dq_off, n_dq * P, T, N * P, max(ext_c), max(n_dq_c) * P, False, True,
+                               tiles=sum(-(-e // BLOCK) for e in ext_c)))
+        parts.append(_part(q_start, raw_off, seq - pre // P * P, T, n_raw, max(ext_c),
+                           max(s - a // P * P for a, s in zip(pre_c, seq_c)), True, False))
+    return dict(page_ids=page_ids, n_pages=N, parts=parts, scratch={})
+
+
+def fits(plan: dict, H: int, D: int) -> bool:
+    """The step is large enough to gain and its dequantized scratch is within SCRATCH_BYTES."""
+    n = sum(s // plan["P"] for s in (a + e for a, e in zip(plan["prefix_cpu"], plan["ext_cpu"]))) * plan["P"]
+    T, pre = sum(plan["ext_cpu"]), sum(plan["prefix_cpu"])
+    return (T >= MIN_TOKENS and (pre >= MIN_PREFIX or T >= ALL_TOKENS)
+            and 2 * n * H * D * SCRATCH_DTYPE.itemsize <= SCRATCH_BYTES)
+
+
+# ---- the device pieces and their torch twins -------------------------------------------------------------
+
+def dequant_reference(layer_pool: dict, page_ids, bits: int, dtype):
+    """Pages -> (k [N*P, H, D], v) in dtype: the rotated key times its token norm, and the value."""
+    k, norm, v = load_pages({f: layer_pool[f][page_ids] for f in FIELDS}, bits)
+    return (k * norm[..., None, None]).to(dtype).flatten(0, 1), v.to(dtype).flatten(0, 1)
+
+
+def varlen_reference(q, k, v, cu_q, cu_k, used, causal: bool, scale: float):
+    """FlashAttention's varlen forward with seqused_k, in fp32 loops: (out [T, Hq, D] q.dtype, lse [Hq, T] natural,
+    -inf for a query that sees no key). Causal is aligned to the end: query r of Lq sees keys <= r + Lk - Lq."""
+    T, Hq, D = q.shape
+    g = Hq // k.shape[1]
+    out = torch.zeros_like(q)
+    lse = torch.full((Hq, T), float("-inf"), dtype=torch.float32, device=q.device)
+    cq, ck, u = cu_q.tolist(), cu_k.tolist(), used.tolist()
+    for i in range(len(u)):
+        q0, q1, k0, n = cq[i], cq[i + 1], ck[i], u[i]
+        if q1 == q0 or n == 0:
+            continue
+        qi = q[q0:q1].float()
+        ki = k[k0:k0 + n].float().repeat_interleave(g, 1)
+        vi = v[k0:k0 + n].float().repeat_interleave(g, 1)
+        s = torch.einsum("thd,jhd->htj", qi, ki) * scale
+        if causal:
+            vis = torch.arange(n, device=q.device)[None, :] <= torch.arange(q1 - q0, device=q.device)[:, None] + n - (q1 - q0)
+            s = s.masked_fill(~vis, float("-inf"))
+        li = torch.logsumexp(s, -1)
+        p = torch.exp(s - li[..., None]).nan_to_num(0.0)
+        out[q0:q1] = torch.einsum("htj,jhd->thd", p, vi).to(q.dtype)
+        lse[:, q0:q1] = li
+    return out, lse
+
+
+def merge_reference(outs, lses):
+    """Merge of partial states (out [T, Hq, D], lse [Hq, T] natural; +-inf: empty) -> (out, lse [T, Hq] base 2)."""
+    ls = torch.stack([torch.where(l == float("inf"), float("-inf"), l).t() for l in lses])   # [n, T, Hq]
+    m = ls.amax(0)
+    w = torch.exp(ls - torch.where(torch.isfinite(m), m, 0.0))
+    w = torch.where(torch.isfinite(ls), w, 0.0)
+    tot = w.sum(0)
+    o = sum(wi[..., None] * oi.float() for wi, oi in zip(w, outs)) / torch.where(tot > 0, tot, 1.0)[..., None]
+    return o.to(outs[0].dtype), torch.where(tot > 0, (m + torch.log(tot)) / math.log(2), float("-inf"))
+
+
+def _flash(q, k, v, part, scale):
+    if q.is_cuda:
+        o, lse = torch.ops.aten._flash_attention_forward(
+            q, k, v, part["cu_q"], part["cu_k"], part["max_q"], part["max_k"], 0.0, part["causal"], False,
+            scale=scale, seqused_k=part["used"])[:2]
+        return o, lse
+    return varlen_reference(q, k, v, part["cu_q"], part["cu_k"], part["used"], part["causal"], scale)
+
+
+_HADAMARD = {}
+# The dequantized parts run in fp16 whatever the model dtype: their keys and rotated queries are rounded
+# once more than the raw ones, and the softmax amplifies a logit's rounding (bf16's 2^-9 gave ~1 %
+# output error on peaked rows); fp16's 2^-12 keeps it at the raw path's level. Keys and queries of
+# served models stay far below fp16's 65504.
+SCRATCH_DTYPE = torch.float16
+
+
+def _rotated(q, cfg: OscarConfig):
+    """(queries in the packed keys' space, in SCRATCH_DTYPE; the factor on the softmax scale)."""
+    q = q.to(SCRATCH_DTYPE)
+    if not cfg.rotate:
+        return q, 1.0
+    D = q.shape[-1]
+    key = (D, q.device)
+    if key not in _HADAMARD:   # +-1 entries: exact in fp16, the product accumulated in fp32, rounded once
+        _HADAMARD[key] = (hadamard_matrix(D, torch.float64, q.device) * math.sqrt(D)).round().to(SCRATCH_DTYPE)
+    return (q.reshape(-1, D) @ _HADAMARD[key]).view(q.shape), 1.0 / math.sqrt(D)
+
+
+def run_flash(q, layer_pool: dict, raw_k, raw_v, plan: dict, cfg: OscarConfig, sm_scale: float, out=None, lse=None):
+    """Attention of the step's queries q [T, Hq, D] -> (out [T, Hq, D], lse [T, Hq] base 2); out / lse:
+    optional destinations."""
+    fp = plan["flash"]
+    dk = dv = None
+    if fp["n_pages"]:
+        P, H, D = plan["P"], raw_k.shape[1], raw_k.shape[2]
+        key = (H, D)
+        if key not in fp["scratch"]:   # one scratch per batch, shared by its layers
+            fp["scratch"] = {key: [q.new_empty((fp["n_pages"] * P, H, D), dtype=SCRATCH_DTYPE) for _ in range(2)]}
+        dk, dv = fp["scratch"][key]
+        if q.is_cuda:
+            ops.load().dequant(*[layer_pool[f] for f in FIELDS], fp["page_ids"], dk, dv, cfg.bits)
+        else:
+            dk[:], dv[:] = dequant_reference(layer_pool, fp["page_ids"], cfg.bits, SCRATCH_DTYPE)
+    qr, factor = _rotated(q, cfg) if dk is not None else (None, 1.0)
+    outs, lses = [], []
+    T, Hq = q.shape[:2]
+    sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else CPU_SMS
+    for part in fp["parts"]:
+        if part["dequantized"]:
+            S = _splits(part, Hq, sms)
+            if S > 1:
+                sp, rows = _split(part, S, T)
+                o, l = _combine(*_flash(qr[rows], dk, dv, sp, sm_scale * factor), rows, T)
+            else:
+                o, l = _flash(qr, dk, dv, part, sm_scale * factor)
+            o = o.to(q.dtype)
+        else:
+            o, l = _flash(q, raw_k, raw_v, part, sm_scale)
+        outs.append(o)
+        lses.append(l)
+    if not q.is_cuda:
+        o, l = merge_reference(outs, lses)
+        out = o if out is None else out.copy_(o)
+        return out, (l if lse is None or lse.numel() == 0 else lse.copy_(l))
+    out = torch.empty_like(q) if out is None else out
+    if lse is None or lse.numel() == 0:
+        lse = q.new_empty(q.shape[:2], dtype=torch.float32)
+    ops.load().merge(outs, lses, out, lse)
+    return out, lse
