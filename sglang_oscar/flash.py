@@ -39,65 +39,20 @@ from .quant import load_pages
 
 BLOCK = 128                   # query tile of the page-prefill block part (FlashAttention's M tile)
 # Which steps take this path (bench/extend.py times both): the extend kernel dequantizes the prefix once
-# per query block, this path once per step, so it wins over a cached prefix from a few tokens on; with
-# no prefix to speak of the kernel's one fused launch wins up to a few thousand tokens.
-MIN_TOKENS = 16               # new tokens of the step, at least
-MIN_PREFIX = 1024             # and cached prefix tokens at least, or
+# per query block, this path once per step, so it wins over a long cached prefix from a few dozen tokens
+# on; with a short prefix the kernel's one fused launch wins up to a few thousand tokens.
+MIN_TOKENS = 32               # new tokens of the step, at least
+MIN_PREFIX = 8192             # and cached prefix tokens at least, or
 ALL_TOKENS = 4096             # new tokens enough on their own
 SCRATCH_BYTES = 512 << 20     # at most this much dequantized K+V per step, else the extend kernel
-SPLIT_KEYS = 1024             # keys per slice at least, where a part's keys are split (_splits)
-CPU_SMS = 132                 # the twins split as an H200 would, so the CPU tests cover the splits
 
 
-def _part(q_idx, k_start, used, T, n_keys, max_q, max_k, causal, dequantized, tiles=None):
-    """One FlashAttention call: sequence i = queries q_idx[i] .. q_idx[i+1]-1 over keys k_start[i] ..+ used[i].
-    tiles: its number of BLOCK-query tiles (host), where a split of the keys may pay (see _split)."""
+def _part(q_idx, k_start, used, T, n_keys, max_q, max_k, causal, dequantized):
+    """One FlashAttention call: sequence i = queries q_idx[i] .. q_idx[i+1]-1 over keys k_start[i] ..+ used[i]."""
     i32 = torch.int32
     tail = lambda x, v: torch.cat([x.to(i32), x.new_full((1,), v, dtype=i32)])  # noqa: E731  (no host copy)
     return dict(cu_q=tail(q_idx, T), cu_k=tail(k_start, n_keys), used=used.to(i32).contiguous(),
-                max_q=int(max_q), max_k=int(max_k), causal=causal, dequantized=dequantized, tiles=tiles, split={},
-                n_keys=n_keys)
-
-
-def _splits(part, Hq: int, sms: int) -> int:
-    """Key splits for a non-causal part whose tiles x heads leave the GPU idle: FlashAttention gives one
-    CTA per (query tile, head) and walks all keys, so a few queries over a long prefix run on a few SMs
-    (32 tokens over 24k: 32 of 132). Each split keeps at least SPLIT_KEYS keys."""
-    if part["tiles"] is None or part["causal"]:
-        return 1
-    ctas = max(1, part["tiles"] * Hq)
-    return max(1, min(-(-2 * sms // ctas), part["max_k"] // SPLIT_KEYS))
-
-
-def _split(part, S: int, T: int):
-    """The part with each sequence's keys cut into S slices, its queries repeated per slice: (part, rows
-    [S*T'] = the query row of each repeated query), cached per S."""
-    if S not in part["split"]:
-        cu_q, cu_k, used = (part[k].to(torch.int64) for k in ("cu_q", "cu_k", "used"))
-        n = used.numel()
-        lq = cu_q[1:] - cu_q[:-1]
-        lk = (used + S - 1) // S
-        ii = torch.arange(n, device=used.device).repeat_interleave(S)
-        jj = torch.arange(S, device=used.device).repeat(n)
-        su = torch.clamp(used[ii] - jj * lk[ii], min=0)
-        seg, off = segments(lq[ii], S * T)
-        rows = cu_q[ii][seg] + off
-        sp = _part(torch.cumsum(lq[ii], 0) - lq[ii], cu_k[ii] + jj * lk[ii], torch.minimum(su, lk[ii]), S * T,
-                   part["n_keys"], part["max_q"], -(-part["max_k"] // S), False, part["dequantized"])
-        part["split"][S] = (sp, rows)
-    return part["split"][S]
-
-
-def _combine(o, lse, rows, T: int):
-    """Merge the slices of a split part back to one state per query row: (out [T, Hq, D], lse [Hq, T])."""
-    l = torch.where(lse == float("inf"), float("-inf"), lse)                  # [Hq, S*T]
-    m = l.new_full((l.shape[0], T), float("-inf")).scatter_reduce(1, rows[None].expand_as(l), l, "amax")
-    mr = m[:, rows]
-    w = torch.where(torch.isfinite(l), torch.exp(l - torch.where(torch.isfinite(mr), mr, 0.0)), 0.0)
-    den = l.new_zeros((l.shape[0], T)).index_add_(1, rows, w)
-    acc = o.new_zeros((T, *o.shape[1:]), dtype=torch.float32).index_add_(0, rows, o.float() * w.t()[..., None])
-    out = (acc / torch.where(den > 0, den, 1.0).t()[..., None]).to(o.dtype)
-    return out, torch.where(den > 0, m + torch.log(den), float("-inf"))
+                max_q=int(max_q), max_k=int(max_k), causal=causal, dequantized=dequantized)
 
 
 def plan_flash(plan: dict, cfg: OscarConfig) -> dict:
@@ -133,8 +88,7 @@ def plan_flash(plan: dict, cfg: OscarConfig) -> dict:
             seg, off = segments(nb, sum(nb_c))
             k0 = (pre[seg] // B_ + off) * B_
             lo = torch.maximum(pre[seg], k0)
-            parts.append(_part(q_of(seg, lo), dq_off[seg], k0, T, N * P, B_, max(seq_c), False, True,
-                               tiles=sum(nb_c)))
+            parts.append(_part(q_of(seg, lo), dq_off[seg], k0, T, N * P, B_, max(seq_c), False, True))
         npg_c = [(s - 1) // P - a // P + 1 if e else 0 for a, s, e in zip(pre_c, seq_c, ext_c)]
         npg = torch.where(ext > 0, (seq - 1) // P - pre // P + 1, 0)
         seg, off = segments(npg, sum(npg_c))
@@ -150,8 +104,7 @@ def plan_flash(plan: dict, cfg: OscarConfig) -> dict:
         parts.append(_part(q_of(seg, lo), raw_off[seg] + j0 - base, hi - j0, T, n_raw, P, P, True, False))
     else:
         if N:
-            parts.append(_part(q_start, dq_off, n_dq * P, T, N * P, max(ext_c), max(n_dq_c) * P, False, True,
-                               tiles=sum(-(-e // BLOCK) for e in ext_c)))
+            parts.append(_part(q_start, dq_off, n_dq * P, T, N * P, max(ext_c), max(n_dq_c) * P, False, True))
         parts.append(_part(q_start, raw_off, seq - pre // P * P, T, n_raw, max(ext_c),
                            max(s - a // P * P for a, s in zip(pre_c, seq_c)), True, False))
     return dict(page_ids=page_ids, n_pages=N, parts=parts, scratch={})
@@ -256,16 +209,9 @@ def run_flash(q, layer_pool: dict, raw_k, raw_v, plan: dict, cfg: OscarConfig, s
             dk[:], dv[:] = dequant_reference(layer_pool, fp["page_ids"], cfg.bits, SCRATCH_DTYPE)
     qr, factor = _rotated(q, cfg) if dk is not None else (None, 1.0)
     outs, lses = [], []
-    T, Hq = q.shape[:2]
-    sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else CPU_SMS
     for part in fp["parts"]:
         if part["dequantized"]:
-            S = _splits(part, Hq, sms)
-            if S > 1:
-                sp, rows = _split(part, S, T)
-                o, l = _combine(*_flash(qr[rows], dk, dv, sp, sm_scale * factor), rows, T)
-            else:
-                o, l = _flash(qr, dk, dv, part, sm_scale * factor)
+            o, l = _flash(qr, dk, dv, part, sm_scale * factor)
             o = o.to(q.dtype)
         else:
             o, l = _flash(q, raw_k, raw_v, part, sm_scale)

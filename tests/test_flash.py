@@ -3,8 +3,7 @@ against their torch twins.
 
 CPU: the whole path with the twins (dequant_reference, varlen_reference, merge_reference) equals the
 extend spec over page {32,64,128} x both prefill modes x methods x ragged batches whose prefixes and
-chunks cross page and 128-token block edges (the prefix part's keys split as on an H200 where few queries
-meet a 4k prefix); the merge twin against attention over the union of keys.
+chunks cross page and 128-token block edges; the merge twin against attention over the union of keys.
 CUDA (gpu): the dequant kernel bit-exact against its twin; the merge kernel against its twin, empty
 parts included; torch's FlashAttention varlen (seqused_k, overlapping and empty sequences, causal)
 against varlen_reference, which pins the lse layout [Hq, T] the merge reads; run_extend forced onto the
@@ -187,7 +186,7 @@ def test_flash_path_matrix(i):
     check(reqs, P, Hq, H, D, dtype, bits, METHODS[i % 3], prefill, seed=i, dev="cuda")
 
 
-SPLIT = [  # few queries over long prefixes: the prefix part's keys split across the GPU (flash._splits)
+SHORT = [  # few queries over long prefixes
     ([(24576, 32)], 64, (32, 8), 128, torch.bfloat16, 2, "page"),
     ([(24576, 32)], 64, (32, 8), 128, torch.bfloat16, 2, "chunk"),
     ([(24576 + 5, 100), (0, 7), (8192, 1)], 64, (9, 3), 64, torch.float16, 4, "chunk"),
@@ -197,8 +196,8 @@ SPLIT = [  # few queries over long prefixes: the prefix part's keys split across
 
 @pytest.mark.gpu
 @needs_cuda
-@pytest.mark.parametrize("case", range(len(LONG) + len(SPLIT)))
+@pytest.mark.parametrize("case", range(len(LONG) + len(SHORT)))
 def test_flash_path_long(case):
-    reqs, P, (Hq, H), D, dtype, bits, prefill = (LONG + SPLIT)[case]
+    reqs, P, (Hq, H), D, dtype, bits, prefill = (LONG + SHORT)[case]
     rel, mean, lse_err = check(reqs, P, Hq, H, D, dtype, bits, "oscar", prefill, seed=200 + case, dev="cuda")
     print(f"flash long {reqs} P={P} {Hq}/{H} d={D} {prefill}: rel {rel:.2e} mean {mean:.2e} lse {lse_err:.2e}")
