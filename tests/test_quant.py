@@ -222,7 +222,7 @@ def _attention_error(method, bits, seed, T=256, P=64, H=3, g=3, D=64):
 
 @pytest.mark.parametrize("bits", [2, 4])
 def test_oscar_beats_kivi_and_quarot_on_norm_imbalance(bits):
-    seeds = [fresh_seed() for _ in range(3)]
+    seeds = [fresh_seed() for _ in range(12)]   # 3 seeds put the mean ratio (about 0.56) past 0.8 once in ~20 runs
     err = {m: sum(_attention_error(m, bits, s) for s in seeds) / len(seeds) for m in METHODS}
     assert err["oscar"] < 0.8 * min(err["quarot"], err["kivi"]), (seeds, err)
 
