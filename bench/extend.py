@@ -121,9 +121,11 @@ def plot(rows, path):
         w = 0.27
         for i, (key, label) in enumerate([("oscar_ms", "oscar-2 (page prefill)"),
                                           ("oscar_chunk_ms", "oscar-2 (chunk prefill)"),
-                                          ("bf16_sdpa_ms", "bf16 SDPA (flash)")]):
+                                          ("bf16_sdpa_ms", "bf16 SDPA")]):
             ax.bar([x + (i - 1) * w for x in xs], [r[key] for r in rs], w, label=label)
-        ax.set_xticks(list(xs), [f"S={r['prefix']}\nT={r['chunk']}" for r in rs])
+        kt = lambda n: f"{n // 1024}k" if n >= 1024 and n % 1024 == 0 else str(n)  # noqa: E731
+        ax.set_xticks(list(xs), [f"{kt(r['prefix'])}\n+{kt(r['chunk'])}" for r in rs], fontsize=8)
+        ax.set_xlabel("cached prefix + chunk (tokens)")
         ax.set_yscale("log")
         ax.set_ylabel("ms per layer")
         ax.set_title(f"prefill attention, {hq}/{hkv} heads d={d}", fontsize=10)
