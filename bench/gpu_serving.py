@@ -138,14 +138,14 @@ def server_flags(method, model, a):
 
 
 def start_all(specs, log_dir, timeout):
-    """Start every server at once; returns {name: Server or the error}.
+    """Start every server at once (specs: (name, argv[, env])); returns {name: Server or the error}.
 
     The processes are created from this (main) thread: Server asks the kernel to SIGTERM a server
     when the thread that created it exits (PR_SET_PDEATHSIG follows the thread, not the process).
     """
     servers, out = {}, {}
-    for name, args in specs:
-        s = Server(args, log_path=os.path.join(log_dir, f"{name}.log"), timeout=timeout)
+    for name, args, *env in specs:   # (name, argv) or (name, argv, extra environment)
+        s = Server(args, env=env[0] if env else None, log_path=os.path.join(log_dir, f"{name}.log"), timeout=timeout)
         s.proc = subprocess.Popen(s.args, env=s.env, stdout=open(s.log_path, "w"), stderr=subprocess.STDOUT,
                                   start_new_session=True, preexec_fn=serve_mod._die_with_parent)
         servers[name] = s
@@ -629,7 +629,12 @@ def finish(run, work):
     except Exception:  # noqa: BLE001
         traceback.print_exc()
     run.save()
-    # Server logs: one file, the tail of each (only a few files come back from a run).
+    write_outputs(run, work, lambda path: plot(R, path), "gpu_serving.png", summary(R))
+
+
+def write_outputs(run, work, plot_fn, png, text):
+    """Server logs (one file, the tail of each: only a few files come back from a run), the plot,
+    and the summary (printed last)."""
     with open(os.path.join(run.a.out, "servers.log"), "w") as out:
         d = os.path.join(work, "logs")
         for name in sorted(os.listdir(d)) if os.path.isdir(d) else []:
@@ -638,10 +643,10 @@ def finish(run, work):
             out.write(f"===== {name} ({len(lines)} lines, last 200) =====\n")
             out.writelines(lines[-200:])
     try:
-        plot(R, os.path.join(run.a.out, "gpu_serving.png"))
+        plot_fn(os.path.join(run.a.out, png))
     except Exception:  # noqa: BLE001
         traceback.print_exc()
-    text = run.paths_out(summary(R))
+    text = run.paths_out(text)
     with open(os.path.join(run.a.out, "summary.txt"), "w") as f:
         f.write(text)
     print(text, flush=True)

@@ -11,12 +11,7 @@ mkdir -p "$OUT"
 exec > >(tee -a "$OUT/gpu_serving.log") 2>&1
 T0=$(date +%s)
 LIMIT=${BENCH_TOTAL_S:-555}   # the whole call, setup included
-source "$B/setup_on_gpu.sh" "$B"
-SITE=${GPU_SITE:-${TMPDIR:-/tmp}/gpu-site}
-python3 -m pip install -q --no-deps --no-index --no-compile --upgrade --target "$SITE" "$B"/sglang_oscar-*.whl \
-  "$B"/extra/*.whl || { echo "wheel install failed"; exit 1; }
-export SGLANG_OSCAR_SRC=$PWD SGLANG_OSCAR_BUILD_DIR=${SGLANG_OSCAR_BUILD_DIR:-${TMPDIR:-/tmp}/sglang_oscar_ext}
-export PYTHONUNBUFFERED=1
+source bench/gpu_site.sh "$B"
 (cd "${TMPDIR:-/tmp}" && python3 -c "import sglang, sglang_oscar, importlib.metadata as m; print('sglang', sglang.__version__, '| sglang_oscar from', sglang_oscar.__file__); print('plugins:', [e.value for e in m.entry_points(group='sglang.srt.plugins')])")
 # SGLang's client imports datasets (pyarrow, fsspec, dill from the machine or the bundle): fail loudly here.
 (cd "${TMPDIR:-/tmp}" && python3 -c "import sglang.benchmark.serving, datasets, pyarrow, fsspec; print('bench_serving ok: datasets', datasets.__version__, 'pyarrow', pyarrow.__version__, 'fsspec', fsspec.__version__)" 2>&1 | grep -v Warning | tail -3)
@@ -28,7 +23,7 @@ rm -f "$OUT/.tests_done"
 ( t=$(date +%s); timeout 300 python3 -c "from sglang_oscar import ops; ops.build()" > "$OUT/ext_build.txt" 2>&1; \
   echo "ext build rc=$? in $(( $(date +%s) - t ))s" >> "$OUT/ext_build.txt"; \
   timeout 150 python3 -m pytest -q -rs -p no:cacheprovider tests/test_backend_gpu.py tests/test_kernels_gpu.py \
-    tests/test_extend_gpu.py tests/test_decode_plan.py \
+    tests/test_extend_gpu.py tests/test_decode_plan.py tests/test_flash.py \
     > "$OUT/gpu_tests.txt" 2>&1; echo "gpu tests rc=$?" >> "$OUT/gpu_tests.txt"; touch "$OUT/.tests_done" ) &
 BUILD=$!
 LEFT=$(( LIMIT - ($(date +%s) - T0) ))

@@ -67,7 +67,7 @@ const int64_t* opt_index(const torch::Tensor& t, int64_t n, const char* name) {
 
 void store(torch::Tensor k, torch::Tensor v, torch::Tensor page_ids, torch::Tensor src_rows, torch::Tensor kc,
            torch::Tensor ks, torch::Tensor kz, torch::Tensor vc, torch::Tensor vs, torch::Tensor vz,
-           torch::Tensor kn, int64_t bits, bool rotate, bool token_norm) {
+           torch::Tensor kn, int64_t bits, bool rotate, bool token_norm, torch::Tensor norm_sq) {
   const bool bf16 = model_dtype(k);
   CHECK_T(k, k.scalar_type()); CHECK_T(v, k.scalar_type()); CHECK_T(page_ids, torch::kInt64);
   TORCH_CHECK(k.dim() == 4 && v.sizes() == k.sizes(), "k, v must be [rows, P, H, D]");
@@ -77,10 +77,19 @@ void store(torch::Tensor k, torch::Tensor v, torch::Tensor page_ids, torch::Tens
   const int64_t* rows = opt_index(src_rows, N, "src_rows");
   TORCH_CHECK(rows || k.size(0) == N, "one page id per row of k/v");
   check_pool(kc, ks, kz, vc, vs, vz, kn, H, P, D, bits);
+  // Optional squared token norms over all KV heads, one per token of k: [rows, P] fp32 (empty: none).
+  const float* nsq = nullptr;
+  if (norm_sq.numel()) {
+    CHECK_T(norm_sq, torch::kFloat32);
+    TORCH_CHECK(norm_sq.dim() == 2 && norm_sq.size(0) == k.size(0) && norm_sq.size(1) == P,
+                "norm_sq must be [rows, P] like k's first two dims");
+    nsq = norm_sq.data_ptr<float>();
+  }
   const c10::cuda::CUDAGuard guard(k.device());
   oscar::StoreParams p;
   p.k = k.data_ptr(); p.v = v.data_ptr(); p.src_rows = rows; p.page_ids = page_ids.data_ptr<int64_t>();
   p.N = N; p.P = P; p.H = H; p.rotate = rotate; p.token_norm = token_norm;
+  p.norm_sq = nsq;
   pool_ptrs(p, kc, ks, kz, vc, vs, vz, kn);
   oscar::launch_store(p, D, bits, bf16, c10::cuda::getCurrentCUDAStream().stream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();

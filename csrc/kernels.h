@@ -13,6 +13,9 @@ struct StoreParams {
   const int64_t* page_ids;  // [N] pool page to write; < 0: skip (a decode lane that completes no page)
   int N, P, H;
   int rotate, token_norm;
+  // [rows, P] fp32 or null: each token's squared key norm over ALL KV heads, summed beforehand
+  // (under tensor parallelism a rank holds only some heads; null: summed here over this call's H)
+  const float* norm_sq;
   int32_t* k_codes;         // [pages, H, P/32, D, bits]
   __half* k_scale;          // [pages, H, P/32, D]
   __half* k_zero;

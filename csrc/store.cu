@@ -77,7 +77,11 @@ store_kernel(StoreParams p) {
   float sq[TPW];
 #pragma unroll
   for (int k = 0; k < TPW; ++k) sq[k] = 0.f;
-  if (p.token_norm) {
+  if (p.token_norm && p.norm_sq) {
+#pragma unroll
+    for (int k = 0; k < TPW; ++k)  // the full sum, once per token: lane 0's copy goes through the shuffles
+      sq[k] = lane == 0 ? p.norm_sq[tok0 + warp + k * kStoreWarps] : 0.f;
+  } else if (p.token_norm) {
     const int nvec = H * VPR;  // a token's keys over all heads, as 16-byte vectors
     for (int c = lane; c < nvec; c += 32) {
       uint4 u[TPW];

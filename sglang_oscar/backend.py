@@ -44,12 +44,13 @@ from .wrapper import store_pages
 logger = logging.getLogger(__name__)
 
 
-def store(k, v, page_ids, pages, cfg):
-    """Pack full pages k, v [N, P, H, D] into pool pages `page_ids` [N]."""
+def store(k, v, page_ids, pages, cfg, sq=None):
+    """Pack full pages k, v [N, P, H, D] into pool pages `page_ids` [N] (sq [N, P]: squared token
+    norms over all KV heads, under tensor parallelism)."""
     if k.is_cuda:
-        store_pages(k, v, page_ids, pages, cfg)
+        store_pages(k, v, page_ids, pages, cfg, sq=sq)
         return
-    packed = quant.store_pages(k, v, cfg)
+    packed = quant.store_pages(k, v, cfg, sq)
     for f in FIELDS:
         pages[f][page_ids] = packed[f]
 
@@ -104,10 +105,18 @@ class OscarAttnBackend(AttentionBackend):
             raise RuntimeError(f"the oscar backend needs the OScaR KV pool, got {type(pool).__name__} "
                                "(the plugin's pool hook did not take effect)")
         from sglang.srt.runtime_context import get_parallel
-        mc, tp = model_runner.model_config, get_parallel().attn_tp_size
+        par = get_parallel()
+        mc, tp = model_runner.model_config, par.attn_tp_size
         heads = (mc.num_attention_heads // tp, mc.get_num_kv_heads(tp), pool.head_dim, model_runner.dtype)
-        self._setup(pool.oscar, pool, model_runner.req_to_token_pool, model_runner.device,
-                    decode_kernels_usable(model_runner.device, pool.oscar, pool.head_dim), heads)
+        use_kernels = decode_kernels_usable(model_runner.device, pool.oscar, pool.head_dim)
+        self._setup(pool.oscar, pool, model_runner.req_to_token_pool, model_runner.device, use_kernels, heads)
+        if tp > 1 and pool.oscar.token_norm:
+            if not use_kernels:
+                raise RuntimeError("oscar: tensor parallelism needs the CUDA kernels (the torch path serves one rank)")
+            # The omni-token norm spans all KV heads and a rank holds some: ranks add up their heads'
+            # squared norms (heads replicated when tp > KV heads would otherwise count more than once).
+            self._norm_group = par.attn_tp_group
+            self._norm_scale = mc.get_total_num_kv_heads() / (mc.get_num_kv_heads(tp) * tp)
 
     def _setup(self, cfg, pool, req_to_token_pool, device, use_kernels, heads=None):
         self.device = torch.device(device)
@@ -123,6 +132,8 @@ class OscarAttnBackend(AttentionBackend):
         if use_kernels and heads is not None:
             self._decode = self._decode_wrapper(*heads)
         self._extend_batch = None  # this extend batch's plan (extend.plan_extend)
+        self._norm_group = None    # tensor parallelism: the group whose ranks hold the other KV heads
+        self._norm_scale = 1.0
 
     @classmethod
     def detached(cls, cfg, pool, req_to_token, device, use_kernels, heads=None):
@@ -224,6 +235,14 @@ class OscarAttnBackend(AttentionBackend):
         return plan_extend(t[0], t[1], t[2], prefix, ext, self.cfg.page_size, self.req_to_token_pool.req_to_token)
 
     # ---- forward ---------------------------------------------------------------------------
+    def _full_norm_sq(self, k):
+        """Under tensor parallelism: fp32 [T] squared norms of keys k [T, H, D] over all KV heads
+        of the model, summed across the ranks (None without tensor parallelism: the store sums)."""
+        if self._norm_group is None:
+            return None
+        sq = self._norm_group.all_reduce(quant.norm_sq(k))
+        return sq * self._norm_scale if self._norm_scale != 1.0 else sq
+
     def _check(self, layer, save_kv_cache):
         if not save_kv_cache:
             raise RuntimeError("the oscar backend must write the KV cache itself (save_kv_cache=False)")
@@ -262,8 +281,13 @@ class OscarAttnBackend(AttentionBackend):
         pages, res_k, res_v = self.token_to_kv_pool.layer(layer.layer_id)
         res_k[db.rows, db.slot] = k.to(res_k.dtype)
         res_v[db.rows, db.slot] = v.to(res_v.dtype)
+        res_sq = None
+        sq = self._full_norm_sq(k)
+        if sq is not None:
+            res_sq = self.token_to_kv_pool.layer_norm_sq(layer.layer_id)
+            res_sq[db.rows, db.slot] = sq
         # one launch for the batch: requests whose token completes no page have store_page -1
-        store_pages(res_k, res_v, db.store_page, pages, self.cfg, rows=db.rows)
+        store_pages(res_k, res_v, db.store_page, pages, self.cfg, rows=db.rows, sq=res_sq)
         out = w.run(q, pages, res_k, res_v, sm_scale=layer.scaling)
         return out.reshape(-1, Hq * D)
 
@@ -276,14 +300,22 @@ class OscarAttnBackend(AttentionBackend):
         b = self._extend_batch
         pages, res_k, res_v = self.token_to_kv_pool.layer(layer.layer_id)
         raw_k, raw_v = fill_scratch(k, v, res_k, res_v, b)
+        raw_sq = res_sq = None
+        sq = self._full_norm_sq(k.reshape(-1, H, D))
+        if sq is not None:   # the squared norms travel with the raw keys: scratch, then residual
+            res_sq = self.token_to_kv_pool.layer_norm_sq(layer.layer_id)
+            (raw_sq,) = fill_scratch(sq, None, res_sq, None, b)
         if b["store"] is not None:
             idx, page_ids = b["store"]
             n = page_ids.shape[0]
-            store(raw_k[idx].view(n, P, H, D), raw_v[idx].view(n, P, H, D), page_ids, pages, self.cfg)
+            store(raw_k[idx].view(n, P, H, D), raw_v[idx].view(n, P, H, D), page_ids, pages, self.cfg,
+                  raw_sq[idx].view(n, P) if raw_sq is not None else None)
         if b["tail"] is not None:
             src, rows, slots = b["tail"]
             res_k[rows, slots] = raw_k[src]
             res_v[rows, slots] = raw_v[src]
+            if raw_sq is not None:
+                res_sq[rows, slots] = raw_sq[src]
         return run_extend(q.reshape(-1, Hq, D), pages, raw_k, raw_v, b, self.cfg, layer.scaling).reshape(-1, Hq * D)
 
     def _forward_requests(self, q, k, v, layer):

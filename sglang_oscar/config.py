@@ -31,6 +31,9 @@ class OscarConfig:
     # Fixed KV memory budget in GiB instead of SGLang's free-memory profile: reproducible capacity
     # comparisons across methods. Not part of the fingerprint (it decides how many pages, not their bytes).
     kv_budget_gb: float | None = None
+    # Tensor-parallel degree of attention (set by the launcher from SGLang's --tp-size): a rank's pages
+    # hold its share of the KV heads, so pages are shared only between servers of the same degree.
+    tp: int = 1
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -40,6 +43,8 @@ class OscarConfig:
         if self.page_size <= 0 or self.page_size % K_GROUP:
             raise ValueError(f"the page size (--oscar-page-size or --page-size) must be a positive multiple "
                              f"of the {K_GROUP}-token K group, got {self.page_size}")
+        if self.tp < 1:
+            raise ValueError(f"the tensor-parallel degree must be >= 1, got {self.tp}")
         if self.prefill not in ("page", "chunk"):
             raise ValueError(f"--oscar-prefill must be 'page' or 'chunk', got {self.prefill!r}")
 
@@ -65,7 +70,7 @@ class OscarConfig:
         """Identifies everything that decides a page's bytes; two servers share pages only if equal."""
         d = dict(method=self.method, bits=self.bits, page=self.page_size, k_group=K_GROUP,
                  v_group=V_GROUP, rotation="sylvester-hadamard" if self.rotate else "none",
-                 norm="omni-l2" if self.token_norm else "none", format=FORMAT_VERSION)
+                 norm="omni-l2" if self.token_norm else "none", format=FORMAT_VERSION, tp=self.tp)
         digest = hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
         return f"{self.name}/p{self.page_size}/{digest}"
 

@@ -101,12 +101,16 @@ def plan_reference(rows, prefix_cpu, ext_cpu, P: int, req_to_token) -> dict:
 
 
 def fill_scratch(k, v, res_k, res_v, plan):
-    """The step's raw scratch [n_raw, H, D] (res dtype): residual tokens, then new ones, per request."""
-    H, D = res_k.shape[2], res_k.shape[3]
+    """The step's raw scratch [n_raw, H, D] (res dtype): residual tokens, then new ones, per request.
+    Any per-token tensor goes the same way: res [R, P, *item] and new [T, *item] give [n_raw, *item]
+    (v, res_v None: k's alone, e.g. the squared key norms)."""
+    item = res_k.shape[2:]
     out = []
     for new, res in ((k, res_k), (v, res_v)):
-        raw = res.new_empty((plan["n_raw"], H, D))
-        raw[plan["dst_new"]] = new.reshape(-1, H, D).to(res.dtype)
+        if res is None:
+            continue
+        raw = res.new_empty((plan["n_raw"], *item))
+        raw[plan["dst_new"]] = new.reshape(-1, *item).to(res.dtype)
         if plan["res"] is not None:
             row, slot, dst = plan["res"]
             raw[dst] = res[row, slot]

@@ -8,6 +8,7 @@ config to SGLang's scheduler processes through SGLANG_OSCAR_CONFIG, then runs SG
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import json
 import logging
@@ -192,7 +193,17 @@ def serve_problem(a, cfg: OscarConfig) -> str | None:
     The launcher asks before starting SGLang; the oscar backend's factory asks again, for a server
     started through SGLang's own launcher with the plugin's config in the environment.
     """
-    return refusal(a, cfg) or model_problem(a.model_path)
+    return refusal(a, cfg) or tp_problem(a, cfg) or model_problem(a.model_path)
+
+
+def tp_problem(a, cfg: OscarConfig) -> str | None:
+    tp = a.tp_size or 1
+    if tp > 1 and not cuda_available():
+        return f"--tp-size {tp}: tensor parallelism with OScaR needs CUDA GPUs (the CPU path serves one rank)"
+    if tp != cfg.tp:
+        return (f"the server runs --tp-size {tp} but the OScaR config was made for tp={cfg.tp} "
+                "(start it with python -m sglang_oscar.launch_server)")
+    return None
 
 
 # ---- what the plugin needs, added where the user left SGLang's default -------------------------
@@ -255,6 +266,7 @@ def resolve(argv: list[str]):
         rest = ["--model-path", default_model_path()] + rest
         sg.model_path = rest[1]
     if cfg.quantized:
+        cfg = dataclasses.replace(cfg, tp=sg.tp_size or 1)
         msg = serve_problem(sg, cfg)
         if msg:
             raise LaunchError(msg)

@@ -119,7 +119,7 @@ def _sizing(result, self, kvc, *args, **kwargs):
     global _sizing_applied
     from sglang.srt.model_executor import pool_configurator as pc
     from . import layout
-    from .pool import residual_bytes
+    from .pool import norm_rows_needed, residual_bytes
 
     cfg = current()
     mc = kvc.model_config
@@ -128,7 +128,8 @@ def _sizing(result, self, kvc, *args, **kwargs):
     self._cell_size = math.ceil(layout.bytes_per_token(heads, mc.head_dim, cfg.bits) * layers)
     rows = (kvc.server_args.max_running_requests or 0) + 2  # + padding row, + slack
     itemsize = 2  # residual K/V in the model dtype (bf16/fp16)
-    self._fixed_overhead_bytes += residual_bytes(rows, cfg.page_size, heads, mc.head_dim, layers, itemsize)
+    self._fixed_overhead_bytes += residual_bytes(rows, cfg.page_size, heads, mc.head_dim, layers, itemsize,
+                                                 norm_rows_needed(cfg))
     _sizing_applied = True
 
 

@@ -21,9 +21,20 @@ logger = logging.getLogger(__name__)
 residual_rows_hint: int | None = None
 
 
-def residual_bytes(rows: int, page_size: int, head_num: int, head_dim: int, layers: int, itemsize: int) -> int:
-    """Fixed bytes of the raw partial-page residual (K and V) over all layers."""
-    return rows * page_size * head_num * head_dim * 2 * itemsize * layers
+def residual_bytes(rows: int, page_size: int, head_num: int, head_dim: int, layers: int, itemsize: int,
+                   norm_rows: bool = False) -> int:
+    """Fixed bytes of the raw partial-page residual (K and V, and under tensor parallelism the fp32
+    squared key norms of its tokens) over all layers."""
+    return rows * page_size * (head_num * head_dim * 2 * itemsize + 4 * norm_rows) * layers
+
+
+def norm_rows_needed(cfg: OscarConfig) -> bool:
+    """Whether the residual keeps its tokens' squared key norms: a token-norm method whose KV heads
+    are split across attention-TP ranks."""
+    if not cfg.token_norm:
+        return False
+    from sglang.srt.runtime_context import get_parallel
+    return get_parallel().attn_tp_size > 1
 
 
 class OscarKVPool(MHATokenToKVPool):
@@ -58,6 +69,10 @@ class OscarKVPool(MHATokenToKVPool):
         R = self.residual_rows
         self.res_k = [torch.zeros((R, P, H, D), dtype=self.dtype, device=dev) for _ in range(self.layer_num)]
         self.res_v = [torch.zeros((R, P, H, D), dtype=self.dtype, device=dev) for _ in range(self.layer_num)]
+        # Tensor parallelism: the residual tokens' squared key norms over all KV heads (fp32, summed
+        # across the ranks as they arrive), for the store of the page they complete.
+        self.res_sq = ([torch.zeros((R, P), dtype=torch.float32, device=dev) for _ in range(self.layer_num)]
+                       if norm_rows_needed(self.oscar) else None)
         # Generic SGLang code only sizes/logs these; nothing reads them as plain K/V.
         self.k_buffer = [p["k_codes"] for p in self.pages]
         self.v_buffer = [p["v_codes"] for p in self.pages]
@@ -76,7 +91,8 @@ class OscarKVPool(MHATokenToKVPool):
     def get_kv_size_bytes(self):
         def nbytes(ts):
             return sum(t.numel() * t.element_size() for t in ts)
-        k = nbytes(t for p in self.pages for f, t in p.items() if f.startswith("k_")) + nbytes(self.res_k)
+        k = (nbytes(t for p in self.pages for f, t in p.items() if f.startswith("k_")) + nbytes(self.res_k)
+             + nbytes(self.res_sq or []))
         v = nbytes(t for p in self.pages for f, t in p.items() if f.startswith("v_")) + nbytes(self.res_v)
         return k, v
 
@@ -85,6 +101,10 @@ class OscarKVPool(MHATokenToKVPool):
         """(packed page tensors, residual K, residual V) of a model layer."""
         i = layer_id - self.start_layer
         return self.pages[i], self.res_k[i], self.res_v[i]
+
+    def layer_norm_sq(self, layer_id: int):
+        """The residual's squared key norms [R, P] of a model layer (tensor parallelism only)."""
+        return self.res_sq[layer_id - self.start_layer]
 
     # ---- plain-K/V entry points: a packed pool has none -------------------------------------
     def _no_plain_kv(self, *args, **kwargs):

@@ -41,17 +41,25 @@ def dequantize_groups(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tens
     return codes.float() * scale.float().unsqueeze(-1) + zero.float().unsqueeze(-1)
 
 
-def token_norm(k_rot: torch.Tensor) -> torch.Tensor:
-    """Omni-token norm of fp32 keys [..., H, D] over all heads and channels; 1 where it is not > 0."""
-    n = k_rot.float().square().sum((-2, -1)).sqrt()
+def norm_sq(k: torch.Tensor) -> torch.Tensor:
+    """Squared norm of keys [..., H, D] over their heads and channels (fp32). Under tensor parallelism
+    each rank sums its own heads and the ranks add theirs up (the omni-token norm spans all KV heads)."""
+    return k.float().square().sum((-2, -1))
+
+
+def token_norm(k_rot: torch.Tensor, sq: torch.Tensor | None = None) -> torch.Tensor:
+    """Omni-token norm of fp32 keys [..., H, D] over all heads and channels, or sqrt(sq) where the
+    squared norm over all heads is given; 1 where it is not > 0."""
+    n = (norm_sq(k_rot) if sq is None else sq.float()).sqrt()
     return torch.where((n > 0) & torch.isfinite(n), n, torch.ones_like(n))
 
 
-def prepare_keys(k: torch.Tensor, cfg: OscarConfig):
-    """Raw keys [..., H, D] -> (fp32 keys as quantized, fp32 norms [...]) per the method."""
+def prepare_keys(k: torch.Tensor, cfg: OscarConfig, sq: torch.Tensor | None = None):
+    """Raw keys [..., H, D] -> (fp32 keys as quantized, fp32 norms [...]) per the method; sq: the
+    tokens' squared norms over all KV heads where k holds only some of them (see norm_sq)."""
     kf = hadamard(k) if cfg.rotate else k.float()
     if cfg.token_norm:
-        n = token_norm(kf)
+        n = token_norm(kf, sq)
         return kf / n[..., None, None], n
     return kf, torch.ones(kf.shape[:-2], dtype=torch.float32, device=k.device)
 
@@ -61,15 +69,16 @@ def rotate_queries(q: torch.Tensor, cfg: OscarConfig) -> torch.Tensor:
     return hadamard(q) if cfg.rotate else q.float()
 
 
-def store_pages(k: torch.Tensor, v: torch.Tensor, cfg: OscarConfig) -> dict:
-    """Pack N full pages. k, v: [N, P, H, D] raw (post-RoPE K; V as the folded weights produce it).
+def store_pages(k: torch.Tensor, v: torch.Tensor, cfg: OscarConfig, sq: torch.Tensor | None = None) -> dict:
+    """Pack N full pages. k, v: [N, P, H, D] raw (post-RoPE K; V as the folded weights produce it);
+    sq [N, P]: the squared token norms over all KV heads when k, v hold only this rank's heads.
 
     Returns the layout.FIELDS tensors, each with leading dim N. The bytes are a pure function of
     (k, v, cfg): the same prefix stored by any request packs identically (design invariant 4).
     """
     N, P, H, D = k.shape
     bits = cfg.bits
-    kq, norm = prepare_keys(k, cfg)  # [N, P, H, D], [N, P]
+    kq, norm = prepare_keys(k, cfg, sq)  # [N, P, H, D], [N, P]
     # K: per channel over 32-token groups -> [N, H, G, D, 32]
     kg = kq.view(N, P // K_GROUP, K_GROUP, H, D).permute(0, 3, 1, 4, 2)
     kc, ks, kz = quantize_groups(kg, bits)

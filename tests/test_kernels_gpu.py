@@ -255,6 +255,41 @@ def test_store_kernel(case):
     torch.testing.assert_close(got["k_norm"], ref["k_norm"], rtol=1e-5, atol=0)
 
 
+@pytest.mark.parametrize("from_rows", [False, True])
+def test_store_kernel_with_the_norm_of_all_heads(from_rows):
+    """Tensor parallelism: a rank's store gets each token's squared key norm over all KV heads
+    (sq, row for row with k). Its pages must equal the whole-token store's pages of its heads: the
+    norm of all heads, and codes/scales as the kernel packs the full page given the same norms."""
+    P, H, D, dtype = 64, 8, 128, torch.bfloat16
+    cfg = OscarConfig(method="oscar", bits=2, page_size=P)
+    gen = torch.Generator(device=DEV).manual_seed(5)
+    R = 6
+    k, v = make_kv(R * P, H, D, dtype, gen)
+    k, v = k.view(R, P, H, D), v.view(R, P, H, D)
+    rows = torch.tensor([3, 0, 5], device=DEV) if from_rows else None
+    ids = torch.tensor([2, -1, 4], device=DEV) if from_rows else torch.arange(R, device=DEV)
+    keep = ids >= 0
+    sq = quant.norm_sq(k)                        # [R, P], what the ranks' all-reduce sums to
+    own, full = empty_pool(8, P, H, D, 2), empty_pool(8, P, H, D, 2)
+    store_pages(k, v, ids, own, cfg, rows=rows)  # the norm summed in the kernel
+    store_pages(k, v, ids, full, cfg, rows=rows, sq=sq)
+    torch.testing.assert_close(full["k_norm"][ids[keep]], own["k_norm"][ids[keep]], rtol=1e-6, atol=0)
+    for f in ("k_codes", "v_codes"):   # the same up to a tie the last bit of the norm may move
+        diff = layout.unpack_codes(full[f][ids[keep]], 2).int() - layout.unpack_codes(own[f][ids[keep]], 2).int()
+        assert int(diff.abs().max()) <= 1 and float((diff != 0).float().mean()) <= 1e-4, f
+    for heads in (slice(0, 4), slice(4, 8)):
+        part = empty_pool(8, P, 4, D, 2)
+        store_pages(k[:, :, heads].contiguous(), v[:, :, heads].contiguous(), ids, part, cfg, rows=rows, sq=sq)
+        got = {f: part[f][ids[keep]] for f in FIELDS}
+        want = {f: full[f][ids[keep]] for f in FIELDS}
+        torch.testing.assert_close(got["k_norm"], want["k_norm"], rtol=1e-6, atol=0)
+        for f in FIELDS[:-1]:
+            assert torch.equal(got[f], want[f][:, heads]), f
+        src = rows[keep] if from_rows else torch.arange(R, device=DEV)
+        ref = quant.store_pages(k[src][:, :, heads], v[src][:, :, heads], cfg, sq[src])
+        torch.testing.assert_close(got["k_norm"], ref["k_norm"], rtol=1e-5, atol=0)
+
+
 def test_store_kernel_from_rows_skips_negative_ids():
     """The decode-step store: pages read from rows of a residual-shaped buffer, entries with page id -1
     skipped on the device (lanes whose token completes no page)."""

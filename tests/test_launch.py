@@ -75,6 +75,8 @@ REFUSED = [
     (["--kv-canary-real-data", "all"], "the KV canary reads raw K/V bytes"),
     (["--kv-canary", "log"], "--kv-canary log is not supported with OScaR: the KV canary attaches"),
     (["--kv-canary", "raise", "--kv-canary-sweep-interval", "8"], "--kv-canary raise is not supported"),
+    (["--tp-size", "2"], "--tp-size 2: tensor parallelism with OScaR needs CUDA GPUs"),
+    (["--tp", "2"], "--tp-size 2: tensor parallelism with OScaR needs CUDA GPUs"),
     (["--oscar-page-size", "128", "--page-size", "64"], "differs from --oscar-page-size"),
     (["--page-size", "16"], "multiple of the 32-token K group"),
     (["--oscar-page-size", "48"], "multiple of the 32-token K group"),
@@ -86,6 +88,17 @@ def test_incompatible_flags_are_refused(llama, flags, message):
     with pytest.raises(LaunchError) as e:
         resolve(["--model-path", llama, *flags])
     assert message in str(e.value)
+
+
+def test_tensor_parallel_degree_is_in_the_config_and_its_fingerprint(llama, monkeypatch):
+    """A rank's pages hold its share of the KV heads: servers of different TP degrees share no pages."""
+    from sglang_oscar import launch_server
+    monkeypatch.setattr(launch_server, "cuda_available", lambda: True)
+    cfg, _ = resolve(["--model-path", llama, "--tp-size", "2"])
+    assert cfg.tp == 2
+    assert resolve(["--model-path", llama])[0].tp == 1
+    assert cfg.fingerprint() != OscarConfig().fingerprint()
+    assert OscarConfig.from_json(cfg.to_json()) == cfg
 
 
 def test_config_file_is_read_like_sglang_reads_it(llama, tmp_path):

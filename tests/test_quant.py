@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from sglang_oscar import layout
+from sglang_oscar import layout, quant
 from sglang_oscar.config import K_GROUP, V_GROUP, OscarConfig
 from sglang_oscar.hadamard import hadamard, hadamard_matrix
 from sglang_oscar.quant import fake_quantize, quantize_groups, store_pages
@@ -105,6 +105,34 @@ def test_quantize_groups_matches_float64(bits):
     assert ((x.double() - recon).abs() <= rs / 2 + slack + 1e-6).all()
     const = (x[::17].double() - recon[::17]).abs().max()
     assert const == 0
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_store_of_some_heads_with_the_full_norm_matches_float64(bits):
+    """Tensor parallelism: a rank packs its own KV heads, with each token's squared norm summed over
+    all heads (its own + the other ranks'). Each rank's pages must be the float64 store of the whole
+    token, restricted to its heads: same norm, same codes, same scales."""
+    cfg = OscarConfig(bits=bits, page_size=64)
+    H = 4
+    k, v = imbalanced_kv(2, 64, H, 64, seed=fresh_seed())
+    ref = f64_store(k, v, "oscar", bits)
+    for heads in (slice(0, 1), slice(1, 4)):      # uneven ranks: the sum is what matters
+        ks, vs = k[:, :, heads].contiguous(), v[:, :, heads].contiguous()
+        others = torch.cat([k[:, :, :heads.start], k[:, :, heads.stop:]], 2)
+        sq = quant.norm_sq(ks) + quant.norm_sq(others)     # what the all-reduce hands this rank
+        part = store_pages(ks, vs, cfg, sq)
+        alone = store_pages(ks, vs, cfg)                   # without the others' heads: another norm
+        torch.testing.assert_close(part["k_norm"].double(), ref["norm"], rtol=1e-5, atol=0)
+        assert not torch.allclose(alone["k_norm"].double(), ref["norm"], rtol=1e-3)
+        x, rc, rs, rz, _ = ref["k"]
+        scale = part["k_scale"].double()
+        assert ((scale - rs[:, heads, ..., 0]).abs() <= rs[:, heads, ..., 0].abs() * 2 ** -10 + 1e-12).all()
+        codes = torch.stack([extract_bits(part["k_codes"], j, bits) for j in range(K_GROUP)], -1)
+        assert (codes.double() != rc[:, heads]).double().mean() < 2e-3
+        # V has no token norm: identical to the full store's heads
+        full = store_pages(k, v, cfg)
+        for f in ("v_codes", "v_scale", "v_zero"):
+            assert torch.equal(part[f], full[f][:, heads]), f
 
 
 @pytest.mark.parametrize("bits", [2, 4])
