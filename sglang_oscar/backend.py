@@ -115,6 +115,9 @@ class OscarAttnBackend(AttentionBackend):
                 raise RuntimeError("oscar: tensor parallelism needs the CUDA kernels (the torch path serves one rank)")
             # The omni-token norm spans all KV heads and a rank holds some: ranks add up their heads'
             # squared norms (heads replicated when tp > KV heads would otherwise count more than once).
+            if pool.res_sq is None:
+                raise RuntimeError("oscar: the pool was built without the residual's key norms that "
+                                   f"tensor parallelism (attn_tp_size {tp}) needs")
             self._norm_group = par.attn_tp_group
             self._norm_scale = mc.get_total_num_kv_heads() / (mc.get_num_kv_heads(tp) * tp)
 
