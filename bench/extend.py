@@ -29,7 +29,8 @@ from randpool import random_pool  # noqa: E402
 DEV = "cuda"
 P = 64
 SHAPES = [(32, 8, 128), (9, 3, 64)]             # Llama-3.1-8B, SmolLM2-135M heads
-CASES = [(24576, 16), (24576, 128), (24576, 512), (2048, 128), (0, 512),      # (prefix S, chunk T)
+CASES = [(24576, 16), (24576, 64), (24576, 128), (24576, 256), (24576, 512), (8192, 128), (2048, 128),
+         (0, 512),      # (prefix S, chunk T)
          (0, 2048), (8192, 2048), (24576, 2048), (0, 8192), (8192, 8192), (24576, 8192)]
 
 
@@ -87,7 +88,8 @@ def time_backend(hq, hkv, d, S, T, iters, prefill="page"):
     for use in (False, True):
         plan["use_flash"] = use
         alone[use] = cuda_ms(lambda: run_extend(qh, pages, raw_k, raw_v, plan, be.cfg, layer.scaling), iters)
-    return ms, alone[False], alone[True], first_ms, path
+    splits = max(b[4] for b in plan["blocks"].values())   # the extend kernel's key splits
+    return ms, alone[False], alone[True], first_ms, path, splits
 
 
 def time_sdpa(hq, hkv, d, S, T, iters=10, backend=None):
@@ -145,8 +147,9 @@ def main():
         for S, T in CASES:
             r = dict(hq=hq, hkv=hkv, d=d, bits=2, page_size=P, prefix=S, chunk=T)
             for mode, key in (("page", "oscar"), ("chunk", "oscar_chunk")):
-                ms, kern, fl, first, path = time_backend(hq, hkv, d, S, T, iters=10, prefill=mode)
+                ms, kern, fl, first, path, splits = time_backend(hq, hkv, d, S, T, iters=10, prefill=mode)
                 r.update({f"{key}_ms": round(ms, 3), f"{key}_path": path, f"{key}_kernel_ms": round(kern, 3),
+                          f"{key}_kernel_splits": splits,
                           f"{key}_flash_ms": round(fl, 3), f"{key}_first_call_ms": round(first, 1)})
             from torch.nn.attention import SDPBackend
             r["bf16_sdpa_ms"] = round(time_sdpa(hq, hkv, d, S, T), 3)
@@ -172,7 +175,8 @@ def main():
                         "backend (raw scratch + page store + residual tail + attention by the path it takes, *_path: "
                         "flash where flash_rule says so: min_tokens new tokens and min_prefix cached ones, or all_tokens new), page and chunk prefill, mean of 10 "
                         "calls after a planning call; *_kernel_ms / *_flash_ms = the step's attention alone "
-                        "through the extend kernel / the flash path (dequantize, FlashAttention varlen, merge); "
+                        "through the extend kernel (*_kernel_splits: its key splits per query block) / the flash path "
+                        "(dequantize, FlashAttention varlen, merge); "
                         "bf16_sdpa_ms = torch SDPA over S+T bf16 keys, causal, its own backend choice (the KV heads "
                         "repeated outside the timing; a prefix needs the lower-right causal mask, which only its "
                         "FlashAttention-2 backend takes; with no prefix it may pick cuDNN), bf16_fa2_ms = the same "

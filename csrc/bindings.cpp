@@ -162,7 +162,8 @@ int64_t extend_max_rows(int64_t head_dim, int64_t bits) { return oscar::extend_m
 void extend(torch::Tensor q, torch::Tensor kc, torch::Tensor ks, torch::Tensor kz, torch::Tensor vc, torch::Tensor vs,
             torch::Tensor vz, torch::Tensor kn, torch::Tensor req_to_token, torch::Tensor raw_k, torch::Tensor raw_v,
             torch::Tensor req_info, torch::Tensor blk_start, torch::Tensor out, torch::Tensor lse, int64_t num_blocks,
-            int64_t rows, int64_t tok_per_blk, double sm_scale, int64_t bits, bool rotate, bool chunk) {
+            int64_t rows, int64_t tok_per_blk, double sm_scale, int64_t bits, bool rotate, bool chunk,
+            int64_t splits, torch::Tensor part_o, torch::Tensor part_lse) {
   const bool bf16 = model_dtype(q);
   CHECK_T(q, q.scalar_type()); CHECK_T(out, q.scalar_type());
   CHECK_T(raw_k, q.scalar_type()); CHECK_T(raw_v, q.scalar_type());
@@ -189,6 +190,14 @@ void extend(torch::Tensor q, torch::Tensor kc, torch::Tensor ks, torch::Tensor k
     CHECK_T(lse, torch::kFloat32);
     TORCH_CHECK(lse.numel() >= q.size(0) * Hq, "lse must hold [T, Hq] floats");
   }
+  TORCH_CHECK(splits >= 1 && splits <= oscar::kMaxExtendSplits, "splits must be 1..", oscar::kMaxExtendSplits);
+  if (splits > 1) {
+    CHECK_T(part_o, torch::kFloat32); CHECK_T(part_lse, torch::kFloat32);
+    TORCH_CHECK(part_o.is_contiguous() && part_o.numel() >= splits * q.size(0) * Hq * D,
+                "part_o must hold [splits, T, Hq, D] floats");
+    TORCH_CHECK(part_lse.is_contiguous() && part_lse.numel() >= splits * q.size(0) * Hq,
+                "part_lse must hold [splits, T, Hq] floats");
+  }
   const c10::cuda::CUDAGuard guard(q.device());
   oscar::ExtendParams p;
   p.q = q.data_ptr();
@@ -201,6 +210,9 @@ void extend(torch::Tensor q, torch::Tensor kc, torch::Tensor ks, torch::Tensor k
   p.lse = want_lse ? lse.data_ptr<float>() : nullptr;
   p.B = B; p.Hq = Hq; p.H = H; p.P = P; p.num_blocks = num_blocks; p.tok_per_blk = tok_per_blk; p.rows = rows;
   p.sm_scale = float(sm_scale); p.rotate = rotate; p.chunk = chunk;
+  p.splits = splits; p.T = q.size(0);
+  p.part_o = splits > 1 ? part_o.data_ptr<float>() : nullptr;
+  p.part_lse = splits > 1 ? part_lse.data_ptr<float>() : nullptr;
   oscar::launch_extend(p, D, bits, bf16, c10::cuda::getCurrentCUDAStream().stream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

@@ -12,6 +12,8 @@
 //   raw phase: model-dtype K / V tiles by cp.async (V of tile j loads while S_j computes, K of j+1
 //     while P_j V_j does), raw queries, causal by position.
 // Output (model dtype) and, on request, lse (base 2), like the decode kernel.
+// Key splits (p.splits > 1): a CTA takes one run of its block's key tiles and writes an fp32 partial;
+// extend_combine merges them (a chat turn's few query blocks over a long prefix then fill the GPU).
 #include <cuda_runtime.h>
 #include <math.h>
 
@@ -204,6 +206,15 @@ __global__ void __launch_bounds__(WARPS * 32, 8 / WARPS) extend_kernel(const Ext
   const int n_ptiles = (packed_end + kTile - 1) / kTile;
   const int n_rtiles = (pos_last - raw_lo) / kTile + 1;
   const int npk = packed_end / P;
+  // this CTA's run of the block's key tiles: packed [pj0, pj1), then raw [rj0, rj1)
+  int u0 = 0, u1 = n_ptiles + n_rtiles;
+  if (p.splits > 1) {
+    const int per = (u1 + p.splits - 1) / p.splits;
+    u0 = min(u1, int(blockIdx.z) * per);
+    u1 = min(u1, u0 + per);
+  }
+  const int pj0 = min(u0, n_ptiles), pj1 = min(u1, n_ptiles);
+  const int rj0 = max(u0 - n_ptiles, 0), rj1 = max(u1 - n_ptiles, 0);
 
   __half* q_s = reinterpret_cast<__half*>(smem + G::Q_OFF);
   T* qr_s = reinterpret_cast<T*>(smem + G::QR_OFF);
@@ -261,9 +272,9 @@ __global__ void __launch_bounds__(WARPS * 32, 8 / WARPS) extend_kernel(const Ext
     }
   };
 
-  if (n_ptiles > 0) issue_packed(0);
+  if (pj0 < pj1) issue_packed(pj0);
   cp_commit();
-  if (n_ptiles > 1) issue_packed(1);
+  if (pj0 + 1 < pj1) issue_packed(pj0 + 1);
   cp_commit();
 
   // ---- queries: raw copy (model dtype) for the raw phase; rotated and scaled by each row's max |q|
@@ -298,8 +309,8 @@ __global__ void __launch_bounds__(WARPS * 32, 8 / WARPS) extend_kernel(const Ext
   float S[8][4];
 
   // ---- packed phase
-  if (n_ptiles > 0) load_q_frags<D>(qf, q_s, warp, lane);
-  for (int j = 0; j < n_ptiles; ++j) {
+  if (pj0 < pj1) load_q_frags<D>(qf, q_s, warp, lane);
+  for (int j = pj0; j < pj1; ++j) {
     cp_wait<1>();
     __syncthreads();  // tile j landed; every warp is done with the previous K / V tiles
     const unsigned char* st = smem + G::ST_OFF + (j & 1) * G::STAGE_B;
@@ -343,7 +354,7 @@ __global__ void __launch_bounds__(WARPS * 32, 8 / WARPS) extend_kernel(const Ext
 #pragma unroll
     for (int nt = 0; nt < 8; ++nt) nrm[nt] = *reinterpret_cast<const float2*>(kn + nt * 8 + 2 * tig);
     __syncthreads();  // tiles dequantized; the staging slot is free
-    if (j + 2 < n_ptiles) issue_packed(j + 2);
+    if (j + 2 < pj1) issue_packed(j + 2);
     cp_commit();
 
     qk_tile<__half, D, true>(qf, k_s, S, lane);
@@ -374,18 +385,20 @@ __global__ void __launch_bounds__(WARPS * 32, 8 / WARPS) extend_kernel(const Ext
   };
   cp_wait<0>();
   __syncthreads();  // packed readers are done with the K / V buffers
-  load_q_frags<D>(qf, reinterpret_cast<const __half*>(qr_s), warp, lane);
-  issue_raw(rk, k_s, 0);
+  if (rj0 < rj1) {
+    load_q_frags<D>(qf, reinterpret_cast<const __half*>(qr_s), warp, lane);
+    issue_raw(rk, k_s, rj0);
+  }
   cp_commit();
   const float sc = p.sm_scale * kLog2eX;
-  for (int j = 0; j < n_rtiles; ++j) {
+  for (int j = rj0; j < rj1; ++j) {
     issue_raw(rv, v_s, j);
     cp_commit();
     cp_wait<1>();
     __syncthreads();  // K_j landed
     qk_tile<T, D, false>(qf, k_s, S, lane);
     __syncthreads();  // every warp is done with K_j
-    if (j + 1 < n_rtiles) issue_raw(rk, k_s, j + 1);
+    if (j + 1 < rj1) issue_raw(rk, k_s, j + 1);
     cp_commit();
 #pragma unroll
     for (int nt = 0; nt < 8; ++nt) {
@@ -415,6 +428,15 @@ __global__ void __launch_bounds__(WARPS * 32, 8 / WARPS) extend_kernel(const Ext
     const int r = warp * 16 + gid + 8 * i;
     const int64_t tokq = int64_t(q_start + t0 + r / g) * p.Hq + h * g + r % g;
     const float inv = l[i] > 0.f ? 1.f / l[i] : 0.f;  // nothing visible: 0 (and lse -inf)
+    if (p.splits > 1) {
+      const int64_t part = int64_t(blockIdx.z) * p.T * p.Hq + tokq;
+      float* po = p.part_o + part * D;
+#pragma unroll
+      for (int nt = 0; nt < D / 8; ++nt)
+        *reinterpret_cast<float2*>(po + nt * 8 + 2 * tig) = make_float2(O[nt][2 * i] * inv, O[nt][2 * i + 1] * inv);
+      if (tig == 0) p.part_lse[part] = l[i] > 0.f ? m[i] + log2f(l[i]) : -INFINITY;
+      continue;
+    }
     T* dst = static_cast<T*>(p.out) + tokq * D;
 #pragma unroll
     for (int nt = 0; nt < D / 8; ++nt)
@@ -423,12 +445,59 @@ __global__ void __launch_bounds__(WARPS * 32, 8 / WARPS) extend_kernel(const Ext
   }
 }
 
+// One warp per (token, query head): lane s holds split s's lse; the partials weighted by
+// 2^(lse_s - max) and renormalized, the lse of the union written on request.
+template <typename T, int D>
+__global__ void __launch_bounds__(256) extend_combine(const ExtendParams p) {
+  constexpr int C = D / 32;  // channels per lane
+  const int lane = threadIdx.x & 31;
+  const int64_t n = int64_t(p.T) * p.Hq;
+  const int64_t item = int64_t(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
+  if (item >= n) return;
+  const float ls = lane < p.splits ? p.part_lse[lane * n + item] : -INFINITY;
+  float mx = ls;
+#pragma unroll
+  for (int o = 16; o; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+  const float w = ls == -INFINITY ? 0.f : exp2f(ls - mx);
+  float tot = w;
+#pragma unroll
+  for (int o = 16; o; o >>= 1) tot += __shfl_xor_sync(0xffffffffu, tot, o);
+  float acc[C];
+#pragma unroll
+  for (int c = 0; c < C; ++c) acc[c] = 0.f;
+  for (int s = 0; s < p.splits; ++s) {
+    const float ws = __shfl_sync(0xffffffffu, w, s);
+    if (ws == 0.f) continue;  // the same for the whole warp
+    const float* src = p.part_o + (s * n + item) * D + lane * C;
+    float v[C];
+    if constexpr (C == 4) {
+      const float4 x = *reinterpret_cast<const float4*>(src);
+      v[0] = x.x; v[1] = x.y; v[2] = x.z; v[3] = x.w;
+    } else {
+      const float2 x = *reinterpret_cast<const float2*>(src);
+      v[0] = x.x; v[1] = x.y;
+    }
+#pragma unroll
+    for (int c = 0; c < C; ++c) acc[c] += ws * v[c];
+  }
+  const float inv = tot > 0.f ? 1.f / tot : 0.f;
+  T* dst = static_cast<T*>(p.out) + item * D + lane * C;
+#pragma unroll
+  for (int c = 0; c < C; c += 2) *reinterpret_cast<uint32_t*>(dst + c) = DT<T>::pack(acc[c] * inv, acc[c + 1] * inv);
+  if (p.lse && lane == 0) p.lse[item] = tot > 0.f ? mx + log2f(tot) : -INFINITY;
+}
+
 template <typename T, int D, int BITS, int WARPS>
 void launch_rows(const ExtendParams& p, cudaStream_t stream) {
   using G = XGeo<D, BITS, WARPS>;
   auto kern = extend_kernel<T, D, BITS, WARPS>;
   cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, G::SMEM);
-  if (p.num_blocks > 0) kern<<<dim3(p.num_blocks, p.H), WARPS * 32, G::SMEM, stream>>>(p);
+  if (p.num_blocks <= 0) return;
+  kern<<<dim3(p.num_blocks, p.H, p.splits), WARPS * 32, G::SMEM, stream>>>(p);
+  if (p.splits > 1) {
+    const int64_t n = int64_t(p.T) * p.Hq;
+    extend_combine<T, D><<<unsigned((n + 7) / 8), 256, 0, stream>>>(p);
+  }
 }
 
 template <typename T, int D, int BITS>

@@ -80,7 +80,15 @@ struct ExtendParams : PoolPtrs {
   float sm_scale;
   int rotate;
   int chunk;                    // 1: chunk prefill (only the cached prefix's pages packed)
+  // Key splits (a few query blocks over a long prefix would leave most SMs idle): CTA (block, head,
+  // split s) takes the s-th of `splits` equal runs of its block's key tiles (packed, then raw) and,
+  // when splits > 1, writes normalized partials that the combine kernel merges into out / lse.
+  int splits;                   // 1 .. kMaxExtendSplits
+  int T;                        // query tokens of the step (rows of out)
+  float* part_o;                // [splits, T, Hq, D] fp32, or null (splits == 1)
+  float* part_lse;              // [splits, T, Hq] log2-sum-exp of each partial (-inf: nothing seen)
 };
+constexpr int kMaxExtendSplits = 32;  // the combine kernel reads one split per lane
 
 // Packed pages -> model-dtype K (rotated, times the token norm) and V, token-major (csrc/dequant.cu).
 struct DequantParams : PoolPtrs {

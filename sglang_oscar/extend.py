@@ -30,6 +30,8 @@ from .wrapper import _aligned
 
 ROWS = (128, 64)   # the kernel's MMA rows per CTA: (token, query head) pairs of one KV head
 WAVE_CTAS = 2      # 128-row CTAs (one per SM) only when they fill at least this many waves
+MAX_SPLITS = 32    # = kMaxExtendSplits in csrc/kernels.h
+SPLIT_TILES = 8    # a key split streams at least this many 64-key tiles (amortizes its queries and merge)
 
 
 def segments(lens: torch.Tensor, total: int):
@@ -122,10 +124,21 @@ _SMS = {}
 _MAX_ROWS = {}
 
 
+def key_splits(count: int, H: int, rows: int, sms: int, longest: int) -> int:
+    """Key splits per query block: enough CTAs for one wave (64-row CTAs run two per SM) when the step's
+    count x H blocks leave SMs idle, each split at least SPLIT_TILES tiles of the longest request's keys."""
+    ctas = count * H
+    wave = sms * (2 if rows == 64 else 1)
+    if ctas >= wave:
+        return 1
+    return max(1, min(MAX_SPLITS, -(-wave // ctas), -(-longest // 64) // SPLIT_TILES))
+
+
 def _blocks(plan, g: int, H: int, D: int, bits: int):
-    """Query blocks of the plan for g query heads per KV head: (rows, tokens per block, blk_start, count).
-    128 rows per CTA halve the dequantization per query, 64 fill the GPU when the batch is small (and
-    are all a GPU with 99 KB of shared memory per CTA can run at head_dim 128)."""
+    """Query blocks of the plan for g query heads per KV head: (rows, tokens per block, blk_start, count,
+    splits). 128 rows per CTA halve the dequantization per query, 64 fill the GPU when the batch is small
+    (and are all a GPU with 99 KB of shared memory per CTA can run at head_dim 128); key splits fill it
+    when even 64-row blocks are too few (a chat turn's short chunk over a long cached prefix)."""
     if g not in plan["blocks"]:
         dev = plan["ext"].device
         if dev not in _SMS:
@@ -140,7 +153,9 @@ def _blocks(plan, g: int, H: int, D: int, bits: int):
                 break
         nb = (plan["ext"] + tb - 1) // tb
         start = torch.cat([nb.new_zeros(1), torch.cumsum(nb, 0)]).to(torch.int32)
-        plan["blocks"][g] = (rows, tb, start, count)
+        longest = max(a + e for a, e in zip(plan["prefix_cpu"], plan["ext_cpu"]))
+        splits = plan.get("splits") or key_splits(count, H, rows, _SMS[dev], longest)
+        plan["blocks"][g] = (rows, tb, start, count, splits)
     return plan["blocks"][g]
 
 
@@ -174,13 +189,19 @@ def run_extend(q, layer_pool: dict, raw_k, raw_v, plan, cfg: OscarConfig, sm_sca
         from .flash import run_flash
         out, lse = run_flash(q, layer_pool, raw_k, raw_v, plan, cfg, scale, out, lse)
         return (out, lse) if return_lse else out
-    rows, tb, blk_start, n_blocks = _blocks(plan, Hq // H, H, D, cfg.bits)
+    rows, tb, blk_start, n_blocks, splits = _blocks(plan, Hq // H, H, D, cfg.bits)
     out = torch.empty_like(q) if out is None else out
     if lse is None:
         lse = q.new_empty((q.shape[0], Hq) if return_lse else 0, dtype=torch.float32)
+    T = q.shape[0]
+    part = plan.setdefault("part", {})
+    if splits > 1 and (splits, T, Hq, D) not in part:   # once per step, reused by every layer
+        part[splits, T, Hq, D] = (torch.empty((splits, T, Hq, D), dtype=torch.float32, device=q.device),
+                                  torch.empty((splits, T, Hq), dtype=torch.float32, device=q.device))
+    po, pl = part.get((splits, T, Hq, D), (lse[:0], lse[:0]))
     ops.load().extend(_aligned(q), *[layer_pool[f] for f in FIELDS], plan["req_to_token"], raw_k, raw_v,
                       plan["info"], blk_start, out, lse, n_blocks, rows, tb, float(scale), cfg.bits, cfg.rotate,
-                      cfg.prefill == "chunk")
+                      cfg.prefill == "chunk", splits, po, pl)
     return (out, lse) if return_lse else out
 
 

@@ -135,3 +135,23 @@ def test_kernels_gated_on_shape_and_override(fake_gpu, monkeypatch, caplog):
     monkeypatch.setenv("SGLANG_OSCAR_DECODE", "torch")
     assert not decode_kernels_usable("cuda", OscarConfig(), 128)
     assert ops.torch_path_reason(OscarConfig()) == "SGLANG_OSCAR_DECODE=torch"
+
+
+def test_extend_key_splits_fill_one_wave_in_long_enough_runs():
+    """The extend plan's key splits: none once the query blocks fill a wave (two 64-row CTAs or one
+    128-row CTA per SM); otherwise the fewest that fill it, capped by kMaxExtendSplits and by runs of
+    at least SPLIT_TILES 64-key tiles of the longest request."""
+    from sglang_oscar.extend import MAX_SPLITS, SPLIT_TILES, key_splits
+    for count, H, rows, sms, longest in [(1, 8, 64, 132, 24592), (1, 8, 64, 132, 300), (4, 8, 128, 132, 24704),
+                                         (40, 8, 64, 132, 8192), (33, 8, 64, 132, 32768), (17, 8, 128, 132, 1 << 17),
+                                         (2, 3, 64, 108, 4160), (1, 1, 64, 8, 70000)]:
+        s = key_splits(count, H, rows, sms, longest)
+        wave = sms * (2 if rows == 64 else 1)
+        assert 1 <= s <= MAX_SPLITS
+        if count * H >= wave:
+            assert s == 1
+            continue
+        tiles = -(-longest // 64)
+        assert s == 1 or tiles // s >= SPLIT_TILES                # every split streams enough tiles
+        assert count * H * s >= wave or s in (MAX_SPLITS, max(1, tiles // SPLIT_TILES))
+        assert s == 1 or count * H * (s - 1) < wave               # and no more splits than a wave needs

@@ -8,6 +8,8 @@ pages, residual tail), then the kernel and extend_reference read the same pool a
     {bf16,fp16} x bits {2,4} x prefill {page,chunk}, chunks cycling over {1,7,64,65,1000} and prefixes
     over {0,64,4095} (rotated per case, batches of 1-3), methods cycling oscar/quarot/kivi; these
     small batches run 64-row CTAs, a slice of them again with 128-row CTAs forced;
+  * key splits forced to 1, 2, 7 and 32 over a slice of the matrix, and chat turns (7-128 new tokens
+    over 8k-24k cached ones) with the plan's own split;
   * long cases, sampled: 8192-token chunks over prefixes of 0, 4095 and 24k, both modes (128-row CTAs).
 Bounds as the decode kernel's (test_kernels_gpu.py says why): max |err| <= 2.5e-2 max |ref|, mean
 |err| <= 1e-2 mean |ref|, lse (base 2) within 0.1.
@@ -80,8 +82,10 @@ def step_case(reqs, P, Hq, H, D, dtype, bits, method, prefill, seed, dev="cuda")
     return q, pool, raw_k, raw_v, plan, cfg
 
 
-def check_kernel(reqs, P, Hq, H, D, dtype, bits, method, prefill, seed):
+def check_kernel(reqs, P, Hq, H, D, dtype, bits, method, prefill, seed, splits=None):
     q, pool, raw_k, raw_v, plan, cfg = step_case(reqs, P, Hq, H, D, dtype, bits, method, prefill, seed)
+    if splits is not None:   # key splits per query block (None: the plan's own choice)
+        plan["splits"] = splits
     out = torch.full_like(q, float("nan"))
     lse = torch.full(q.shape[:2], float("nan"), dtype=torch.float32, device=q.device)
     run_extend(q, pool, raw_k, raw_v, plan, cfg, D ** -0.5, return_lse=True, out=out, lse=lse)
@@ -92,7 +96,7 @@ def check_kernel(reqs, P, Hq, H, D, dtype, bits, method, prefill, seed):
     mean = err.mean().item() / ref.float().abs().mean().item()
     lse_err = (lse - ref_lse).abs().max().item()
     assert rel <= TOL and mean <= MEAN_TOL and lse_err <= LSE_TOL, (reqs, rel, mean, lse_err)
-    return rel, mean, lse_err
+    return rel, mean, lse_err, plan
 
 
 CHUNKS = (1, 7, 64, 65, 1000)
@@ -108,7 +112,7 @@ def test_extend_kernel_matrix(i):
     P, (Hq, H), D, dtype, bits, prefill = MATRIX[i]
     n = 1 + i % 3
     reqs = [(PREFIXES[(i + j) % 3], CHUNKS[(i * 2 + j) % 5]) for j in range(n)]
-    rel, mean, lse_err = check_kernel(reqs, P, Hq, H, D, dtype, bits, METHODS[i % 3], prefill, seed=i)
+    rel, mean, lse_err, plan = check_kernel(reqs, P, Hq, H, D, dtype, bits, METHODS[i % 3], prefill, seed=i)
     print(f"P={P} {Hq}/{H} d={D} {dtype} int{bits} {prefill} {reqs}: rel {rel:.2e} mean {mean:.2e} lse {lse_err:.2e}")
 
 
@@ -122,6 +126,37 @@ def test_extend_kernel_128_rows(i, monkeypatch):
     P, (Hq, H), D, dtype, bits, prefill = MATRIX[i]
     reqs = [(PREFIXES[(i + j) % 3], CHUNKS[(i + 2 * j) % 5]) for j in range(1 + (i // 12) % 3)]
     check_kernel(reqs, P, Hq, H, D, dtype, bits, METHODS[(i // 12) % 3], prefill, seed=1000 + i)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("i", range(0, len(MATRIX), 5))
+@pytest.mark.parametrize("splits", [1, 2, 7, 32])
+def test_extend_kernel_key_splits(i, splits):
+    # the same steps with the key splits forced (1: one CTA walks all of a block's keys; 32: most
+    # splits of these short steps hold no key at all, and must not disturb the merge)
+    P, (Hq, H), D, dtype, bits, prefill = MATRIX[i]
+    reqs = [(PREFIXES[(i + 2 * j) % 3], CHUNKS[(i + j) % 5]) for j in range(1 + i % 3)]
+    check_kernel(reqs, P, Hq, H, D, dtype, bits, METHODS[i % 3], prefill, seed=2000 + i, splits=splits)
+
+
+CHAT = [  # a chat turn: a short chunk over a long cached prefix, where the plan splits the keys
+    ([(24576, 16)], 64, (32, 8), 128, torch.bfloat16, 2, "page"),
+    ([(24576, 128)], 64, (32, 8), 128, torch.bfloat16, 2, "chunk"),
+    ([(24576 + 40, 7), (8192 + 3, 64)], 64, (9, 3), 64, torch.float16, 2, "page"),
+    ([(24576, 65)], 32, (32, 8), 128, torch.bfloat16, 4, "chunk"),
+]
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("case", range(len(CHAT)))
+def test_extend_kernel_chat_turn(case):
+    reqs, P, (Hq, H), D, dtype, bits, prefill = CHAT[case]
+    rel, mean, lse_err, plan = check_kernel(reqs, P, Hq, H, D, dtype, bits, "oscar", prefill, seed=300 + case)
+    (_, _, _, _, splits), = plan["blocks"].values()
+    assert splits > 1   # the split path ran
+    print(f"chat {reqs} P={P} {Hq}/{H} d={D} {prefill}: rel {rel:.2e} mean {mean:.2e} lse {lse_err:.2e}")
 
 
 LONG = [  # (reqs, P, heads, D, dtype, bits, prefill)
@@ -138,7 +173,7 @@ LONG = [  # (reqs, P, heads, D, dtype, bits, prefill)
 @pytest.mark.parametrize("case", range(len(LONG)))
 def test_extend_kernel_long(case):
     reqs, P, (Hq, H), D, dtype, bits, prefill = LONG[case]
-    rel, mean, lse_err = check_kernel(reqs, P, Hq, H, D, dtype, bits, "oscar", prefill, seed=100 + case)
+    rel, mean, lse_err, plan = check_kernel(reqs, P, Hq, H, D, dtype, bits, "oscar", prefill, seed=100 + case)
     print(f"long {reqs} P={P} {Hq}/{H} d={D} {prefill}: rel {rel:.2e} mean {mean:.2e} lse {lse_err:.2e}")
 
 
