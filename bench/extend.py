@@ -80,15 +80,15 @@ def time_backend(hq, hkv, d, S, T, iters, prefill="page"):
     assert torch.isfinite(out).all()
     ms = cuda_ms(lambda: be.forward_extend(q, k, v, layer, fb), iters)
     plan = be._extend_batch
-    path = "flash" if plan["use_flash"] else "kernel"
+    path = "flash" if plan.use_flash else "kernel"
     pages, res_k, res_v = be.token_to_kv_pool.layer(0)
     raw_k, raw_v = fill_scratch(k, v, res_k, res_v, plan)
     qh = q.view(T, hq, d)
     alone = {}
     for use in (False, True):
-        plan["use_flash"] = use
+        plan.use_flash = use
         alone[use] = cuda_ms(lambda: run_extend(qh, pages, raw_k, raw_v, plan, be.cfg, layer.scaling), iters)
-    splits = max(b[4] for b in plan["blocks"].values())   # the extend kernel's key splits
+    splits = max(b.splits for b in plan.blocks.values())   # the extend kernel's key splits
     return ms, alone[False], alone[True], first_ms, path, splits
 
 

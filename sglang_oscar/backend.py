@@ -308,13 +308,13 @@ class OscarAttnBackend(AttentionBackend):
         if sq is not None:   # the squared norms travel with the raw keys: scratch, then residual
             res_sq = self.token_to_kv_pool.layer_norm_sq(layer.layer_id)
             (raw_sq,) = fill_scratch(sq, None, res_sq, None, b)
-        if b["store"] is not None:
-            idx, page_ids = b["store"]
+        if b.store is not None:
+            idx, page_ids = b.store
             n = page_ids.shape[0]
             store(raw_k[idx].view(n, P, H, D), raw_v[idx].view(n, P, H, D), page_ids, pages, self.cfg,
                   raw_sq[idx].view(n, P) if raw_sq is not None else None)
-        if b["tail"] is not None:
-            src, rows, slots = b["tail"]
+        if b.tail is not None:
+            src, rows, slots = b.tail
             res_k[rows, slots] = raw_k[src]
             res_v[rows, slots] = raw_v[src]
             if raw_sq is not None:

@@ -18,7 +18,9 @@ plain-loop spec it is tested against, and `extend_reference` the kernel's torch 
 """
 from __future__ import annotations
 
+import dataclasses
 import math
+from typing import NamedTuple
 
 import torch
 
@@ -42,7 +44,44 @@ def segments(lens: torch.Tensor, total: int):
     return seg, torch.arange(total, device=dev) - starts[seg]
 
 
-def plan_extend(rows, prefix, ext, prefix_cpu, ext_cpu, P: int, req_to_token, use_flash=None) -> dict:
+class Blocks(NamedTuple):
+    """The extend kernel's grid for one GQA group size: MMA rows per CTA, query tokens per block, each
+    request's first block (int32 [B + 1], device), the block count and the key splits per block."""
+    rows: int
+    tok_per_blk: int
+    start: torch.Tensor
+    count: int
+    splits: int
+
+
+@dataclasses.dataclass
+class ExtendPlan:
+    """One extend batch: device indices built once (plan_extend), read by every layer.
+
+    Scratch: n_raw tokens; dst_new [T] the scratch index of each new token; res (row, slot, scratch
+    index) of the residual tokens re-read, store (scratch indices [N*P], pool page ids [N]) of the pages
+    the step completes, tail (scratch index, row, slot) of the new partial pages, each None when empty.
+    info int32 [B, 8] per request (q_start, ext, prefix, raw_off, row, 0, 0, 0) for the kernel."""
+    P: int
+    n_raw: int
+    dst_new: torch.Tensor
+    res: tuple | None
+    store: tuple | None
+    tail: tuple | None
+    info: torch.Tensor
+    ext: torch.Tensor              # int64 [B], device
+    rows: torch.Tensor             # int64 [B], device (req_pool_indices)
+    ext_cpu: list
+    prefix_cpu: list
+    req_to_token: torch.Tensor
+    use_flash: bool | None = None  # the flash path (None: flash.fits decides at the first layer)
+    splits: int | None = None      # key splits forced (None: key_splits decides)
+    flash: dict | None = None      # flash.plan_flash's indices, built where the flash path serves
+    blocks: dict = dataclasses.field(default_factory=dict)   # GQA group size -> Blocks
+    part: dict = dataclasses.field(default_factory=dict)     # the split partials, reused by every layer
+
+
+def plan_extend(rows, prefix, ext, prefix_cpu, ext_cpu, P: int, req_to_token, use_flash=None) -> ExtendPlan:
     """Device indices of one extend batch. rows/prefix/ext: [B] tensors on the batch's device;
     prefix_cpu/ext_cpu: the same as host lists (their sums size the index tensors without a sync).
     use_flash: run the step through flash.py (None: where flash.fits says it pays)."""
@@ -79,9 +118,9 @@ def plan_extend(rows, prefix, ext, prefix_cpu, ext_cpu, P: int, req_to_token, us
     q_start = torch.cumsum(ext, 0) - ext
     zero = torch.zeros_like(rows)
     info = torch.stack([q_start, ext, prefix, raw_off, rows, zero, zero, zero], 1).to(torch.int32)
-    return dict(n_raw=R + T, dst_new=dst_new, res=res, store=store, tail=tail, info=info, ext=ext,
-                ext_cpu=list(ext_cpu), prefix_cpu=list(prefix_cpu), rows=rows, P=P, req_to_token=req_to_token,
-                blocks={}, use_flash=use_flash, flash=None)
+    return ExtendPlan(P=P, n_raw=R + T, dst_new=dst_new, res=res, store=store, tail=tail, info=info, ext=ext,
+                      rows=rows, ext_cpu=list(ext_cpu), prefix_cpu=list(prefix_cpu), req_to_token=req_to_token,
+                      use_flash=use_flash)
 
 
 def plan_reference(rows, prefix_cpu, ext_cpu, P: int, req_to_token) -> dict:
@@ -111,10 +150,10 @@ def fill_scratch(k, v, res_k, res_v, plan):
     for new, res in ((k, res_k), (v, res_v)):
         if res is None:
             continue
-        raw = res.new_empty((plan["n_raw"], *item))
-        raw[plan["dst_new"]] = new.reshape(-1, *item).to(res.dtype)
-        if plan["res"] is not None:
-            row, slot, dst = plan["res"]
+        raw = res.new_empty((plan.n_raw, *item))
+        raw[plan.dst_new] = new.reshape(-1, *item).to(res.dtype)
+        if plan.res is not None:
+            row, slot, dst = plan.res
             raw[dst] = res[row, slot]
         out.append(raw)
     return out
@@ -134,13 +173,13 @@ def key_splits(count: int, H: int, rows: int, sms: int, longest: int) -> int:
     return max(1, min(MAX_SPLITS, -(-wave // ctas), -(-longest // 64) // SPLIT_TILES))
 
 
-def _blocks(plan, g: int, H: int, D: int, bits: int):
+def _blocks(plan: ExtendPlan, g: int, H: int, D: int, bits: int) -> Blocks:
     """Query blocks of the plan for g query heads per KV head: (rows, tokens per block, blk_start, count,
     splits). 128 rows per CTA halve the dequantization per query, 64 fill the GPU when the batch is small
     (and are all a GPU with 99 KB of shared memory per CTA can run at head_dim 128); key splits fill it
     when even 64-row blocks are too few (a chat turn's short chunk over a long cached prefix)."""
-    if g not in plan["blocks"]:
-        dev = plan["ext"].device
+    if g not in plan.blocks:
+        dev = plan.ext.device
         if dev not in _SMS:
             _SMS[dev] = torch.cuda.get_device_properties(dev).multi_processor_count
         if (dev, D, bits) not in _MAX_ROWS:
@@ -148,25 +187,25 @@ def _blocks(plan, g: int, H: int, D: int, bits: int):
                 _MAX_ROWS[dev, D, bits] = ops.load().extend_max_rows(D, bits)
         for rows in [r for r in ROWS if r <= _MAX_ROWS[dev, D, bits]]:
             tb = rows // g
-            count = sum(-(-e // tb) for e in plan["ext_cpu"])
+            count = sum(-(-e // tb) for e in plan.ext_cpu)
             if tb and count * H >= WAVE_CTAS * _SMS[dev]:
                 break
-        nb = (plan["ext"] + tb - 1) // tb
+        nb = (plan.ext + tb - 1) // tb
         start = torch.cat([nb.new_zeros(1), torch.cumsum(nb, 0)]).to(torch.int32)
-        longest = max(a + e for a, e in zip(plan["prefix_cpu"], plan["ext_cpu"]))
-        splits = plan.get("splits") or key_splits(count, H, rows, _SMS[dev], longest)
-        plan["blocks"][g] = (rows, tb, start, count, splits)
-    return plan["blocks"][g]
+        longest = max(a + e for a, e in zip(plan.prefix_cpu, plan.ext_cpu))
+        splits = plan.splits or key_splits(count, H, rows, _SMS[dev], longest)
+        plan.blocks[g] = Blocks(rows, tb, start, count, splits)
+    return plan.blocks[g]
 
 
 def _flash_serves(plan, cfg: OscarConfig, H: int, D: int) -> bool:
     """Whether this step runs through flash.py (its plan built at the step's first layer)."""
     from . import flash
-    use = plan.get("use_flash")
+    use = plan.use_flash
     if use is None:
-        use = plan["use_flash"] = flash.fits(plan, H, D)
-    if use and plan["flash"] is None:
-        plan["flash"] = flash.plan_flash(plan, cfg)
+        use = plan.use_flash = flash.fits(plan, H, D)
+    if use and plan.flash is None:
+        plan.flash = flash.plan_flash(plan, cfg)
     return bool(use)
 
 
@@ -194,23 +233,23 @@ def run_extend(q, layer_pool: dict, raw_k, raw_v, plan, cfg: OscarConfig, sm_sca
     if lse is None:
         lse = q.new_empty((q.shape[0], Hq) if return_lse else 0, dtype=torch.float32)
     T = q.shape[0]
-    part = plan.setdefault("part", {})
+    part = plan.part
     if splits > 1 and (splits, T, Hq, D) not in part:   # once per step, reused by every layer
         part[splits, T, Hq, D] = (torch.empty((splits, T, Hq, D), dtype=torch.float32, device=q.device),
                                   torch.empty((splits, T, Hq), dtype=torch.float32, device=q.device))
     po, pl = part.get((splits, T, Hq, D), (lse[:0], lse[:0]))
-    ops.load().extend(_aligned(q), *[layer_pool[f] for f in FIELDS], plan["req_to_token"], raw_k, raw_v,
-                      plan["info"], blk_start, out, lse, n_blocks, rows, tb, float(scale), cfg.bits, cfg.rotate,
+    ops.load().extend(_aligned(q), *[layer_pool[f] for f in FIELDS], plan.req_to_token, raw_k, raw_v,
+                      plan.info, blk_start, out, lse, n_blocks, rows, tb, float(scale), cfg.bits, cfg.rotate,
                       cfg.prefill == "chunk", splits, po, pl)
     return (out, lse) if return_lse else out
 
 
 def extend_reference(q, layer_pool: dict, raw_k, raw_v, plan, cfg: OscarConfig, sm_scale, return_lse=False):
     """Torch twin of the kernel: reference.attend per request over its packed pages and scratch tokens."""
-    P = plan["P"]
+    P = plan.P
     out = torch.empty_like(q)
     lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device)
-    info = plan["info"].tolist()
+    info = plan.info.tolist()
     for q0, e, pre, off, row, *_ in info:
         if not e:
             continue
@@ -220,8 +259,8 @@ def extend_reference(q, layer_pool: dict, raw_k, raw_v, plan, cfg: OscarConfig, 
         need = int(qb.max()) // P
         pages = None
         if need:
-            cols = torch.arange(need, device=plan["req_to_token"].device) * P
-            ids = (plan["req_to_token"][row, cols] // P).long().to(layer_pool["k_norm"].device)
+            cols = torch.arange(need, device=plan.req_to_token.device) * P
+            ids = (plan.req_to_token[row, cols] // P).long().to(layer_pool["k_norm"].device)
             pages = {f: layer_pool[f][ids] for f in FIELDS}
         n = pre - base + e
         o, l = attend(q[q0:q0 + e], q_pos, qb, pages, raw_k[off:off + n], raw_v[off:off + n], base, cfg, sm_scale,

@@ -55,14 +55,14 @@ def _part(q_idx, k_start, used, T, n_keys, max_q, max_k, causal, dequantized):
                 max_q=int(max_q), max_k=int(max_k), causal=causal, dequantized=dequantized)
 
 
-def plan_flash(plan: dict, cfg: OscarConfig) -> dict:
+def plan_flash(plan, cfg: OscarConfig) -> dict:
     """Device indices of the flash path for an extend plan (extend.plan_extend), no host sync."""
-    P = plan["P"]
-    info = plan["info"].to(torch.int64)
+    P = plan.P
+    info = plan.info.to(torch.int64)
     q_start, ext, pre, raw_off, rows = (info[:, i] for i in range(5))
-    pre_c, ext_c = plan["prefix_cpu"], plan["ext_cpu"]
+    pre_c, ext_c = plan.prefix_cpu, plan.ext_cpu
     seq_c = [a + e for a, e in zip(pre_c, ext_c)]
-    T, n_raw = sum(ext_c), plan["n_raw"]
+    T, n_raw = sum(ext_c), plan.n_raw
     seq = pre + ext
     page = cfg.prefill == "page"
     if page:   # pages below the last query's own page
@@ -76,7 +76,7 @@ def plan_flash(plan: dict, cfg: OscarConfig) -> dict:
     page_ids = None
     if N:
         seg, off = segments(n_dq, N)
-        page_ids = (plan["req_to_token"][rows[seg], off * P] // P).to(torch.int64)
+        page_ids = (plan.req_to_token[rows[seg], off * P] // P).to(torch.int64)
     q_of = lambda s, p: q_start[s] + p - pre[s]  # noqa: E731  query index of position p of request s
     parts = []
     if page:
@@ -110,10 +110,10 @@ def plan_flash(plan: dict, cfg: OscarConfig) -> dict:
     return dict(page_ids=page_ids, n_pages=N, parts=parts, scratch={})
 
 
-def fits(plan: dict, H: int, D: int) -> bool:
+def fits(plan, H: int, D: int) -> bool:
     """The step is large enough to gain and its dequantized scratch is within SCRATCH_BYTES."""
-    n = sum(s // plan["P"] for s in (a + e for a, e in zip(plan["prefix_cpu"], plan["ext_cpu"]))) * plan["P"]
-    T, pre = sum(plan["ext_cpu"]), sum(plan["prefix_cpu"])
+    n = sum(s // plan.P for s in (a + e for a, e in zip(plan.prefix_cpu, plan.ext_cpu))) * plan.P
+    T, pre = sum(plan.ext_cpu), sum(plan.prefix_cpu)
     return (T >= MIN_TOKENS and (pre >= MIN_PREFIX or T >= ALL_TOKENS)
             and 2 * n * H * D * SCRATCH_DTYPE.itemsize <= SCRATCH_BYTES)
 
@@ -192,13 +192,13 @@ def _rotated(q, cfg: OscarConfig):
     return (q.reshape(-1, D) @ _HADAMARD[key]).view(q.shape), 1.0 / math.sqrt(D)
 
 
-def run_flash(q, layer_pool: dict, raw_k, raw_v, plan: dict, cfg: OscarConfig, sm_scale: float, out=None, lse=None):
+def run_flash(q, layer_pool: dict, raw_k, raw_v, plan, cfg: OscarConfig, sm_scale: float, out=None, lse=None):
     """Attention of the step's queries q [T, Hq, D] -> (out [T, Hq, D], lse [T, Hq] base 2); out / lse:
     optional destinations."""
-    fp = plan["flash"]
+    fp = plan.flash
     dk = dv = None
     if fp["n_pages"]:
-        P, H, D = plan["P"], raw_k.shape[1], raw_k.shape[2]
+        P, H, D = plan.P, raw_k.shape[1], raw_k.shape[2]
         key = (H, D)
         if key not in fp["scratch"]:   # one scratch per batch, shared by its layers
             fp["scratch"] = {key: [q.new_empty((fp["n_pages"] * P, H, D), dtype=SCRATCH_DTYPE) for _ in range(2)]}

@@ -74,8 +74,8 @@ def step_case(reqs, P, Hq, H, D, dtype, bits, method, prefill, seed, dev="cuda")
                        torch.tensor([e for _, e in reqs], device=dev), [a for a, _ in reqs], [e for _, e in reqs],
                        P, req_to_token)
     raw_k, raw_v = fill_scratch(torch.cat(new_k), torch.cat(new_v), res_k, res_v, plan)
-    if plan["store"] is not None:   # the pages this step completes, packed before attention
-        idx, ids = plan["store"]
+    if plan.store is not None:   # the pages this step completes, packed before attention
+        idx, ids = plan.store
         store_pages(raw_k[idx].view(-1, P, H, D), raw_v[idx].view(-1, P, H, D), ids, pool, cfg)
     T = sum(e for _, e in reqs)
     q = torch.randn(T, Hq, D, generator=gen, device=dev).to(dtype)
@@ -85,7 +85,7 @@ def step_case(reqs, P, Hq, H, D, dtype, bits, method, prefill, seed, dev="cuda")
 def check_kernel(reqs, P, Hq, H, D, dtype, bits, method, prefill, seed, splits=None):
     q, pool, raw_k, raw_v, plan, cfg = step_case(reqs, P, Hq, H, D, dtype, bits, method, prefill, seed)
     if splits is not None:   # key splits per query block (None: the plan's own choice)
-        plan["splits"] = splits
+        plan.splits = splits
     out = torch.full_like(q, float("nan"))
     lse = torch.full(q.shape[:2], float("nan"), dtype=torch.float32, device=q.device)
     run_extend(q, pool, raw_k, raw_v, plan, cfg, D ** -0.5, return_lse=True, out=out, lse=lse)
@@ -154,8 +154,8 @@ CHAT = [  # a chat turn: a short chunk over a long cached prefix, where the plan
 def test_extend_kernel_chat_turn(case):
     reqs, P, (Hq, H), D, dtype, bits, prefill = CHAT[case]
     rel, mean, lse_err, plan = check_kernel(reqs, P, Hq, H, D, dtype, bits, "oscar", prefill, seed=300 + case)
-    (_, _, _, _, splits), = plan["blocks"].values()
-    assert splits > 1   # the split path ran
+    blocks, = plan.blocks.values()
+    assert blocks.splits > 1   # the split path ran
     print(f"chat {reqs} P={P} {Hq}/{H} d={D} {prefill}: rel {rel:.2e} mean {mean:.2e} lse {lse_err:.2e}")
 
 
@@ -211,13 +211,13 @@ def test_plan_matches_loop_reference():
             req_to_token = torch.randint(0, 1000, (B + 5, width), dtype=torch.int32)
             got = plan_extend(torch.tensor(rows), torch.tensor(prefix), torch.tensor(ext), prefix, ext, P, req_to_token)
             ref = plan_reference(rows, prefix, ext, P, req_to_token)
-            assert got["n_raw"] == ref["n_raw"]
-            assert got["dst_new"].tolist() == ref["dst_new"]
-            assert got["info"].tolist() == ref["info"]
-            res = [] if got["res"] is None else list(zip(*[t.tolist() for t in got["res"]]))
+            assert got.n_raw == ref["n_raw"]
+            assert got.dst_new.tolist() == ref["dst_new"]
+            assert got.info.tolist() == ref["info"]
+            res = [] if got.res is None else list(zip(*[t.tolist() for t in got.res]))
             assert res == ref["res"]
-            idx, ids = ([], []) if got["store"] is None else (t.tolist() for t in got["store"])
+            idx, ids = ([], []) if got.store is None else (t.tolist() for t in got.store)
             assert (idx, ids) == (ref["store"][0], ref["store"][1])
-            tail = [] if got["tail"] is None else list(zip(*[t.tolist() for t in got["tail"]]))
+            tail = [] if got.tail is None else list(zip(*[t.tolist() for t in got.tail]))
             assert tail == ref["tail"]
 

@@ -33,14 +33,14 @@ def check(reqs, P, Hq, H, D, dtype, bits, method, prefill, seed, dev):
     q, pool, raw_k, raw_v, plan, cfg = step_case(reqs, P, Hq, H, D, dtype, bits, method, prefill, seed, dev=dev)
     scale = D ** -0.5
     if dev == "cpu":
-        plan["flash"] = flash.plan_flash(plan, cfg)
+        plan.flash = flash.plan_flash(plan, cfg)
         out, lse = flash.run_flash(q, pool, raw_k, raw_v, plan, cfg, scale)
     else:
-        plan["use_flash"] = True
+        plan.use_flash = True
         out = torch.full_like(q, float("nan"))
         lse = torch.full(q.shape[:2], float("nan"), dtype=torch.float32, device=q.device)
         run_extend(q, pool, raw_k, raw_v, plan, cfg, scale, return_lse=True, out=out, lse=lse)
-        assert plan["flash"] is not None   # it really took the flash path
+        assert plan.flash is not None   # it really took the flash path
     ref, ref_lse = extend_reference(q, pool, raw_k, raw_v, plan, cfg, scale, return_lse=True)
     assert torch.isfinite(out).all() and torch.isfinite(lse).all()
     rel, mean, lse_err = errors(out, lse, ref, ref_lse)
@@ -98,7 +98,7 @@ def test_flash_serves_only_large_steps(monkeypatch):
     def serves(pre, n):
         plan, cfg = step_case([(pre, n)], 64, 4, 2, 32, torch.bfloat16, 2, "oscar", "page", 0, dev="cpu")[4:]
         use = _flash_serves(plan, cfg, 2, 32)
-        assert use == (plan["flash"] is not None)
+        assert use == (plan.flash is not None)
         return use
     assert not serves(flash.MIN_PREFIX, flash.MIN_TOKENS - 1)
     assert serves(flash.MIN_PREFIX, flash.MIN_TOKENS)
