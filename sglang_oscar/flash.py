@@ -39,9 +39,10 @@ from .quant import load_pages
 
 BLOCK = 128                   # query tile of the page-prefill block part (FlashAttention's M tile)
 # Which steps take this path (bench/extend.py times both): the extend kernel dequantizes the prefix once
-# per query block, this path once per step, so it wins over a long cached prefix from a few dozen tokens
-# on; with a short prefix the kernel's one fused launch wins up to a few thousand tokens.
-MIN_TOKENS = 32               # new tokens of the step, at least
+# per query block, this path once per step, so it wins over a long cached prefix from a few hundred tokens
+# on (below that the kernel splits the prefix's keys across the GPU); with a short prefix the kernel's
+# one fused launch wins up to a few thousand tokens.
+MIN_TOKENS = 256              # new tokens of the step, at least (below, the split extend kernel is faster)
 MIN_PREFIX = 8192             # and cached prefix tokens at least, or
 ALL_TOKENS = 4096             # new tokens enough on their own
 SCRATCH_BYTES = 512 << 20     # at most this much dequantized K+V per step, else the extend kernel
