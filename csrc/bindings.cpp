@@ -65,29 +65,35 @@ const int64_t* opt_index(const torch::Tensor& t, int64_t n, const char* name) {
   return t.data_ptr<int64_t>();
 }
 
-void store(torch::Tensor k, torch::Tensor v, torch::Tensor page_ids, torch::Tensor src_rows, torch::Tensor kc,
-           torch::Tensor ks, torch::Tensor kz, torch::Tensor vc, torch::Tensor vs, torch::Tensor vz,
+void store(torch::Tensor k, torch::Tensor v, torch::Tensor page_ids, torch::Tensor src_rows, torch::Tensor src_tok,
+           torch::Tensor kc, torch::Tensor ks, torch::Tensor kz, torch::Tensor vc, torch::Tensor vs, torch::Tensor vz,
            torch::Tensor kn, int64_t bits, bool rotate, bool token_norm, torch::Tensor norm_sq) {
   const bool bf16 = model_dtype(k);
   CHECK_T(k, k.scalar_type()); CHECK_T(v, k.scalar_type()); CHECK_T(page_ids, torch::kInt64);
-  TORCH_CHECK(k.dim() == 4 && v.sizes() == k.sizes(), "k, v must be [rows, P, H, D]");
-  const int N = page_ids.numel(), P = k.size(1), H = k.size(2), D = k.size(3);
-  check_shape(P, D, bits);
-  // Without src_rows, page n is row n of k/v; with them, row src_rows[n] (values unchecked: on the device).
+  TORCH_CHECK(v.sizes() == k.sizes(), "k and v must have one shape");
+  TORCH_CHECK(kn.dim() == 2, "k_norm must be [pages, P]");
+  const int N = page_ids.numel(), P = kn.size(1);
+  // Page n is row n of k/v [rows, P, H, D]; row src_rows[n]; or, with src_tok, the P tokens from
+  // token src_tok[n] of k/v [tokens, H, D] (values unchecked: on the device).
+  const int64_t* toks = opt_index(src_tok, N, "src_tok");
   const int64_t* rows = opt_index(src_rows, N, "src_rows");
-  TORCH_CHECK(rows || k.size(0) == N, "one page id per row of k/v");
+  TORCH_CHECK(!(toks && rows), "src_rows or src_tok, not both");
+  TORCH_CHECK(toks ? k.dim() == 3 : (k.dim() == 4 && k.size(1) == P),
+              toks ? "with src_tok, k and v must be [tokens, H, D]" : "k, v must be [rows, P, H, D]");
+  const int H = k.size(-2), D = k.size(-1);
+  check_shape(P, D, bits);
+  TORCH_CHECK(toks || rows || k.size(0) == N, "one page id per row of k/v");
   check_pool(kc, ks, kz, vc, vs, vz, kn, H, P, D, bits);
   // Optional squared token norms over all KV heads, one per token of k: [rows, P] fp32 (empty: none).
   const float* nsq = nullptr;
   if (norm_sq.numel()) {
     CHECK_T(norm_sq, torch::kFloat32);
-    TORCH_CHECK(norm_sq.dim() == 2 && norm_sq.size(0) == k.size(0) && norm_sq.size(1) == P,
-                "norm_sq must be [rows, P] like k's first two dims");
+    TORCH_CHECK(norm_sq.numel() == k.numel() / (H * D), "norm_sq must hold one value per token of k");
     nsq = norm_sq.data_ptr<float>();
   }
   const c10::cuda::CUDAGuard guard(k.device());
   oscar::StoreParams p;
-  p.k = k.data_ptr(); p.v = v.data_ptr(); p.src_rows = rows; p.page_ids = page_ids.data_ptr<int64_t>();
+  p.k = k.data_ptr(); p.v = v.data_ptr(); p.src_rows = rows; p.src_tok = toks; p.page_ids = page_ids.data_ptr<int64_t>();
   p.N = N; p.P = P; p.H = H; p.rotate = rotate; p.token_norm = token_norm;
   p.norm_sq = nsq;
   pool_ptrs(p, kc, ks, kz, vc, vs, vz, kn);
@@ -238,6 +244,43 @@ void dequant(torch::Tensor kc, torch::Tensor ks, torch::Tensor kz, torch::Tensor
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// Row copies of model-dtype K and V rows [*, H, D] (csrc/scratch.cu): dst[dst_idx[i] or i] =
+// src[i] >= 0 ? a[src[i]] : b[-1 - src[i]]. a may be a strided view (unit stride inside a row).
+void copy_rows(torch::Tensor dst_k, torch::Tensor dst_v, torch::Tensor dst_idx, torch::Tensor a_k, torch::Tensor a_v,
+               torch::Tensor b_k, torch::Tensor b_v, torch::Tensor src) {
+  model_dtype(dst_k);
+  CHECK_T(dst_k, dst_k.scalar_type()); CHECK_T(dst_v, dst_k.scalar_type()); CHECK_T(src, torch::kInt64);
+  TORCH_CHECK(dst_v.sizes() == dst_k.sizes(), "dst_k and dst_v must have one shape");
+  const int64_t H = dst_k.size(-2), D = dst_k.size(-1), row = H * D, elem = dst_k.element_size();
+  TORCH_CHECK((row * elem) % 16 == 0, "a row must be a whole number of 16-byte vectors");
+  const int64_t n = src.numel(), vecs = row * elem / 16;
+  const int64_t* didx = opt_index(dst_idx, n, "dst_idx");
+  TORCH_CHECK(didx || dst_k.numel() / row == n, "without dst_idx, dst holds one row per copy");
+  auto stride_of = [&](const torch::Tensor& a, const char* name) {
+    TORCH_CHECK(a.is_cuda() && a.scalar_type() == dst_k.scalar_type(), name, " must be a CUDA tensor of dst's dtype");
+    TORCH_CHECK(a.dim() == 3 && a.size(1) == H && a.size(2) == D && a.stride(2) == 1 && a.stride(1) == D,
+                name, " must be [rows, H, D] with contiguous rows");
+    TORCH_CHECK((a.stride(0) * elem) % 16 == 0 && reinterpret_cast<uintptr_t>(a.data_ptr()) % 16 == 0,
+                name, "'s rows must be 16-byte aligned");
+    return a.stride(0) * elem / 16;
+  };
+  oscar::CopyRowsParams p;
+  p.dst_k = dst_k.data_ptr(); p.dst_v = dst_v.data_ptr(); p.dst_idx = didx;
+  p.a_k = a_k.data_ptr(); p.a_v = a_v.data_ptr();
+  p.a_stride_k = stride_of(a_k, "a_k"); p.a_stride_v = stride_of(a_v, "a_v");
+  p.b_k = p.b_v = nullptr;
+  if (b_k.numel()) {
+    CHECK_T(b_k, dst_k.scalar_type()); CHECK_T(b_v, dst_k.scalar_type());
+    TORCH_CHECK(b_k.size(-1) == D && b_k.size(-2) == H && b_v.sizes() == b_k.sizes(), "b_k, b_v must be [..., H, D]");
+    p.b_k = b_k.data_ptr(); p.b_v = b_v.data_ptr();
+  }
+  p.src = src.data_ptr<int64_t>();
+  p.n = n; p.vecs = vecs;
+  const c10::cuda::CUDAGuard guard(dst_k.device());
+  oscar::launch_copy_rows(p, c10::cuda::getCurrentCUDAStream().stream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 // Merge of partial attention states by their lse (natural log, any [T, Hq] strides) -> out, lse (log2).
 void merge(std::vector<torch::Tensor> outs, std::vector<torch::Tensor> lses, torch::Tensor out, torch::Tensor lse) {
   const bool bf16 = model_dtype(out);
@@ -280,6 +323,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode", &decode, "paged split-KV decode attention over packed pages + residual");
   m.def("extend", &extend, "extend (prefill) attention over packed pages + the step's raw tokens");
   m.def("dequant", &dequant, "packed pages -> model-dtype K (times its norm) and V");
+  m.def("copy_rows", &copy_rows, "row copies of K and V: the extend step's raw scratch and residual tails");
   m.def("merge", &merge, "merge partial attention states by their log-sum-exp");
   m.def("blocks_per_sm", &blocks_per_sm, "resident decode CTAs per SM for a (head_dim, bits, dtype)");
   m.def("extend_max_rows", &extend_max_rows, "most extend rows per CTA this GPU's shared memory allows");

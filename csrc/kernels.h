@@ -10,6 +10,7 @@ struct StoreParams {
   const void* k;            // [rows, P, H, D] model dtype, post-RoPE, un-rotated
   const void* v;            // [rows, P, H, D]
   const int64_t* src_rows;  // [N] row of k/v holding page n, or null: row n
+  const int64_t* src_tok;   // [N] first token of page n in k/v seen as [tokens, H, D], or null: src_rows
   const int64_t* page_ids;  // [N] pool page to write; < 0: skip (a decode lane that completes no page)
   int N, P, H;
   int rotate, token_norm;
@@ -111,6 +112,23 @@ struct MergeParams {
   float* lse_out;
 };
 
+// n row copies, K and V alike (csrc/scratch.cu): dst[dst_idx[i] or i] = src[i] >= 0 ? a[src[i]]
+// : b[-1 - src[i]]. A row is `vecs` 16-byte vectors (H * D model-dtype elements); a's rows may be
+// strided (a view into the fused qkv projection), b's and dst's are contiguous.
+struct CopyRowsParams {
+  void* dst_k;
+  void* dst_v;
+  const int64_t* dst_idx;       // [n] or null
+  const void* a_k;
+  const void* a_v;
+  int64_t a_stride_k, a_stride_v;  // row strides of a, in 16-byte vectors
+  const void* b_k;              // or null when every src[i] >= 0
+  const void* b_v;
+  const int64_t* src;           // [n]
+  int n, vecs;
+};
+
+void launch_copy_rows(const CopyRowsParams& p, cudaStream_t stream);
 void launch_dequant(const DequantParams& p, int head_dim, int bits, bool bf16, cudaStream_t stream);
 void launch_merge(const MergeParams& p, int head_dim, bool bf16, cudaStream_t stream);
 void launch_store(const StoreParams& p, int head_dim, int bits, bool bf16, cudaStream_t stream);

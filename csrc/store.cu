@@ -68,8 +68,8 @@ store_kernel(StoreParams p) {
   const int H = p.H;
   const T* kin = static_cast<const T*>(p.k);
   const T* vin = static_cast<const T*>(p.v);
-  const int64_t src = p.src_rows ? p.src_rows[n] : int64_t(n);
-  const int64_t tok0 = src * p.P + g * 32;  // first input token of this group
+  const int64_t tok0 = (p.src_tok ? p.src_tok[n] : (p.src_rows ? p.src_rows[n] : int64_t(n)) * p.P) +
+                       g * 32;  // first input token of this group
 
   // Omni-token norm of each token over all heads and channels (fp32). The Hadamard is orthonormal,
   // so the norm of the raw key equals the norm of the rotated one.

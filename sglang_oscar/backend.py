@@ -19,8 +19,9 @@ On CUDA, batches run the fused kernels instead (same semantics, batched):
     (init_forward_metadata_in_graph), so a replay needs nothing from the host; padded lanes (request
     row 0, seq_len 1) attend to one raw token of the padding row and store nothing.
   - extend (prefill, chunked and mixed batches; plan built on the device, extend.py): the step's raw
-    K/V and the requests' residuals go to a flat scratch, the pages they complete are packed in one
-    store launch, the new partial pages go to the residual rows, then one extend kernel
+    K/V and the requests' residuals go to a flat scratch (one copy launch), the pages they complete
+    are packed from it in one store launch, the new partial pages go to the residual rows (one copy
+    launch), then one extend kernel
     (csrc/extend.cu) runs every query: a block of tokens x the GQA group per CTA, each packed tile
     dequantized once into shared memory for the whole block, tensor-core MMA, the raw keys causal.
     Page prefill: a query sees its earlier pages packed and its own page raw; chunk prefill: only
@@ -298,27 +299,23 @@ class OscarAttnBackend(AttentionBackend):
         """Both prefill modes: the step's raw tokens into the scratch, the pages it completes packed
         (before any query reads them), the new partial pages to the residual rows, then one extend
         kernel (extend.py / csrc/extend.cu) for every query of the batch."""
-        from .extend import fill_scratch, run_extend
-        Hq, H, D, P = layer.tp_q_head_num, layer.tp_k_head_num, layer.qk_head_dim, self.cfg.page_size
+        from .extend import fill_scratch, run_extend, scratch, scratch_tail
+        Hq, H, D = layer.tp_q_head_num, layer.tp_k_head_num, layer.qk_head_dim
         b = self._extend_batch
         pages, res_k, res_v = self.token_to_kv_pool.layer(layer.layer_id)
-        raw_k, raw_v = fill_scratch(k, v, res_k, res_v, b)
+        raw_k, raw_v = scratch(k, v, res_k, res_v, b)
         raw_sq = res_sq = None
         sq = self._full_norm_sq(k.reshape(-1, H, D))
         if sq is not None:   # the squared norms travel with the raw keys: scratch, then residual
             res_sq = self.token_to_kv_pool.layer_norm_sq(layer.layer_id)
             (raw_sq,) = fill_scratch(sq, None, res_sq, None, b)
-        if b.store is not None:
-            idx, page_ids = b.store
-            n = page_ids.shape[0]
-            store(raw_k[idx].view(n, P, H, D), raw_v[idx].view(n, P, H, D), page_ids, pages, self.cfg,
-                  raw_sq[idx].view(n, P) if raw_sq is not None else None)
-        if b.tail is not None:
+        if b.store is not None:   # the completed pages straight from the scratch
+            start, page_ids = b.store
+            store_pages(raw_k, raw_v, page_ids, pages, self.cfg, sq=raw_sq, tok=start)
+        scratch_tail(raw_k, raw_v, res_k, res_v, b)
+        if raw_sq is not None and b.tail is not None:
             src, rows, slots = b.tail
-            res_k[rows, slots] = raw_k[src]
-            res_v[rows, slots] = raw_v[src]
-            if raw_sq is not None:
-                res_sq[rows, slots] = raw_sq[src]
+            res_sq[rows, slots] = raw_sq[src]
         return run_extend(q.reshape(-1, Hq, D), pages, raw_k, raw_v, b, self.cfg, layer.scaling).reshape(-1, Hq * D)
 
     def _forward_requests(self, q, k, v, layer):

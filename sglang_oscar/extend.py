@@ -59,8 +59,10 @@ class ExtendPlan:
     """One extend batch: device indices built once (plan_extend), read by every layer.
 
     Scratch: n_raw tokens; dst_new [T] the scratch index of each new token; res (row, slot, scratch
-    index) of the residual tokens re-read, store (scratch indices [N*P], pool page ids [N]) of the pages
-    the step completes, tail (scratch index, row, slot) of the new partial pages, each None when empty.
+    index) of the residual tokens re-read, store (first scratch token [N], pool page ids [N]) of the
+    pages the step completes, tail (scratch index, row, slot) of the new partial pages, each None when
+    empty; src [n_raw] each scratch token's source for the copy kernel (t >= 0: new token t, else
+    -1 - (row * P + slot) in the residual rows) and tail_dst [L] = row * P + slot of each tail token.
     info int32 [B, 8] per request (q_start, ext, prefix, raw_off, row, 0, 0, 0) for the kernel."""
     P: int
     n_raw: int
@@ -68,6 +70,8 @@ class ExtendPlan:
     res: tuple | None
     store: tuple | None
     tail: tuple | None
+    src: torch.Tensor
+    tail_dst: torch.Tensor | None
     info: torch.Tensor
     ext: torch.Tensor              # int64 [B], device
     rows: torch.Tensor             # int64 [B], device (req_pool_indices)
@@ -101,31 +105,35 @@ def plan_extend(rows, prefix, ext, prefix_cpu, ext_cpu, P: int, req_to_token, us
 
     seg, off = segments(ext, T)
     dst_new = raw_off[seg] + r[seg] + off
+    src = torch.empty(R + T, dtype=torch.int64, device=dev)
+    src[dst_new] = torch.arange(T, device=dev)
     res = None
     if R:
         seg, off = segments(r, R)
         res = (rows[seg], off, raw_off[seg] + off)           # residual row, slot -> scratch index
+        src[res[2]] = -1 - (res[0] * P + off)
     store = None
     if N:
         seg, off = segments(full - first, N)
         page_ids = (req_to_token[rows[seg], (first[seg] + off) * P] // P).to(torch.int64)
-        start = raw_off[seg] + off * P
-        store = ((start[:, None] + torch.arange(P, device=dev)).flatten(), page_ids)
-    tail = None
+        store = (raw_off[seg] + off * P, page_ids)
+    tail = tail_dst = None
     if L:
         seg, off = segments(seq - full * P, L)
         tail = (raw_off[seg] + (full - first)[seg] * P + off, rows[seg], off)  # scratch -> residual row, slot
+        tail_dst = tail[1] * P + off
     q_start = torch.cumsum(ext, 0) - ext
     zero = torch.zeros_like(rows)
     info = torch.stack([q_start, ext, prefix, raw_off, rows, zero, zero, zero], 1).to(torch.int32)
-    return ExtendPlan(P=P, n_raw=R + T, dst_new=dst_new, res=res, store=store, tail=tail, info=info, ext=ext,
+    return ExtendPlan(P=P, n_raw=R + T, dst_new=dst_new, res=res, store=store, tail=tail, src=src,
+                      tail_dst=tail_dst, info=info, ext=ext,
                       rows=rows, ext_cpu=list(ext_cpu), prefix_cpu=list(prefix_cpu), req_to_token=req_to_token,
                       use_flash=use_flash)
 
 
 def plan_reference(rows, prefix_cpu, ext_cpu, P: int, req_to_token) -> dict:
     """The spec of plan_extend's index tensors, by plain loops over requests and tokens."""
-    dst_new, res, store_idx, page_ids, tail, info = [], [], [], [], [], []
+    dst_new, res, store_tok, page_ids, tail, info = [], [], [], [], [], []
     off = q = 0
     for row, pre, e in zip(rows, prefix_cpu, ext_cpu):
         seq, base = pre + e, pre // P * P
@@ -133,18 +141,18 @@ def plan_reference(rows, prefix_cpu, ext_cpu, P: int, req_to_token) -> dict:
         res += [(row, j, off + j) for j in range(pre - base)]
         dst_new += [off + pre - base + t for t in range(e)]
         for pg in range(pre // P, seq // P):
-            store_idx += range(off + (pg - pre // P) * P, off + (pg - pre // P + 1) * P)
+            store_tok.append(off + (pg - pre // P) * P)
             page_ids.append(int(req_to_token[row, pg * P]) // P)
         tail += [(off + (seq // P - pre // P) * P + j, row, j) for j in range(seq % P)]
         off += seq - base
         q += e
-    return dict(n_raw=off, dst_new=dst_new, res=res, store=(store_idx, page_ids), tail=tail, info=info)
+    return dict(n_raw=off, dst_new=dst_new, res=res, store=(store_tok, page_ids), tail=tail, info=info)
 
 
 def fill_scratch(k, v, res_k, res_v, plan):
-    """The step's raw scratch [n_raw, H, D] (res dtype): residual tokens, then new ones, per request.
-    Any per-token tensor goes the same way: res [R, P, *item] and new [T, *item] give [n_raw, *item]
-    (v, res_v None: k's alone, e.g. the squared key norms)."""
+    """The step's raw scratch [n_raw, H, D] (res dtype): residual tokens, then new ones, per request
+    (the torch twin of scratch()). Any per-token tensor goes the same way: res [R, P, *item] and new
+    [T, *item] give [n_raw, *item] (v, res_v None: k's alone, e.g. the squared key norms)."""
     item = res_k.shape[2:]
     out = []
     for new, res in ((k, res_k), (v, res_v)):
@@ -157,6 +165,47 @@ def fill_scratch(k, v, res_k, res_v, plan):
             raw[dst] = res[row, slot]
         out.append(raw)
     return out
+
+
+def write_tail(raw_k, raw_v, res_k, res_v, plan) -> None:
+    """The new partial pages from the scratch to the residual rows (torch twin of scratch_tail())."""
+    if plan.tail is not None:
+        src, rows, slots = plan.tail
+        res_k[rows, slots] = raw_k[src]
+        res_v[rows, slots] = raw_v[src]
+
+
+def _token_rows(x, H: int, D: int, dtype):
+    """x as [T, H, D] rows the copy kernel reads in place (unit stride inside a row, 16-byte aligned
+    rows: a view into the fused qkv projection qualifies), else a contiguous copy."""
+    x = x.reshape(-1, H, D).to(dtype)
+    ok = (x.stride(2) == 1 and x.stride(1) == D and (x.stride(0) * x.element_size()) % 16 == 0
+          and x.data_ptr() % 16 == 0)
+    return x if ok else x.contiguous()
+
+
+def scratch(k, v, res_k, res_v, plan):
+    """fill_scratch on the CUDA kernels: K and V in one copy launch."""
+    if not (res_k.is_cuda and ops.available(res_k.device)):
+        return fill_scratch(k, v, res_k, res_v, plan)
+    H, D = res_k.shape[2], res_k.shape[3]
+    raw_k = res_k.new_empty((plan.n_raw, H, D))
+    raw_v = torch.empty_like(raw_k)
+    none = plan.src[:0]
+    ops.load().copy_rows(raw_k, raw_v, none, _token_rows(k, H, D, res_k.dtype), _token_rows(v, H, D, res_v.dtype),
+                         res_k, res_v, plan.src)
+    return raw_k, raw_v
+
+
+def scratch_tail(raw_k, raw_v, res_k, res_v, plan) -> None:
+    """write_tail on the CUDA kernels: K and V in one copy launch."""
+    if plan.tail is None:
+        return
+    if not (res_k.is_cuda and ops.available(res_k.device)):
+        write_tail(raw_k, raw_v, res_k, res_v, plan)
+        return
+    empty = raw_k[:0]
+    ops.load().copy_rows(res_k, res_v, plan.tail_dst, raw_k, raw_v, empty, empty, plan.tail[0])
 
 
 _SMS = {}

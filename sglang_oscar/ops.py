@@ -23,7 +23,7 @@ logger = logging.getLogger(__name__)
 _ROOT = pathlib.Path(os.environ.get("SGLANG_OSCAR_SRC") or pathlib.Path(__file__).resolve().parent.parent)
 CSRC = _ROOT / "csrc"
 LIBS = _ROOT / "libs"
-SOURCES = ("bindings.cpp", "store.cu", "decode.cu", "extend.cu", "dequant.cu")
+SOURCES = ("bindings.cpp", "store.cu", "decode.cu", "extend.cu", "dequant.cu", "scratch.cu")
 HEADERS = ("csrc/common.cuh", "csrc/query.cuh", "csrc/kernels.h", "libs/hadacore/hadacore.cuh")
 NAME = "sglang_oscar_ext"
 BASE_FLAGS = ["-O3", "-std=c++17", "-diag-suppress", "550", "--expt-relaxed-constexpr"]

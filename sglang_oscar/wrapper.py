@@ -189,11 +189,12 @@ class DecodeWrapper:
         return (out, lse) if return_lse else out
 
 
-def store_pages(k, v, page_ids, layer_pool: dict, cfg: OscarConfig, rows=None, sq=None) -> None:
+def store_pages(k, v, page_ids, layer_pool: dict, cfg: OscarConfig, rows=None, sq=None, tok=None) -> None:
     """Pack full pages into pool pages page_ids [N], in place. k, v: [N, P, H, D] raw (model dtype),
     page n from row n; or, with rows [N], any [R, P, H, D] buffer (e.g. the residual) with page n
-    from row rows[n]. A negative page id skips its entry (decided on the device, no host sync).
-    sq: fp32 [N or R, P] squared token norms over all KV heads, row for row with k (tensor
+    from row rows[n]; or, with tok [N], a token buffer [tokens, H, D] (the extend scratch) with page
+    n from the P tokens at tok[n]. A negative page id skips its entry (decided on the device, no host
+    sync). sq: fp32 squared token norms over all KV heads, token for token with k (tensor
     parallelism: k holds this rank's heads only); None: the norm is over k's own heads."""
     n = len(page_ids) if rows is None else len(rows)
     if n == 0:
@@ -201,12 +202,19 @@ def store_pages(k, v, page_ids, layer_pool: dict, cfg: OscarConfig, rows=None, s
     if k.is_cuda and ops.available(k.device):
         kernels = ops.load()
         ids = _on(page_ids, torch.int64, k.device)
-        src = _on(rows, torch.int64, k.device) if rows is not None else ids.new_empty(0)
+        none = ids.new_empty(0)
+        src = _on(rows, torch.int64, k.device) if rows is not None else none
+        toks = _on(tok, torch.int64, k.device) if tok is not None else none
         nsq = _aligned(sq) if sq is not None else k.new_empty(0, dtype=torch.float32)
-        kernels.store(_aligned(k), _aligned(v), ids, src, *_pool_args(layer_pool), cfg.bits, cfg.rotate,
+        kernels.store(_aligned(k), _aligned(v), ids, src, toks, *_pool_args(layer_pool), cfg.bits, cfg.rotate,
                       cfg.token_norm, nsq)
         return
     ids = torch.as_tensor(page_ids, device=k.device).to(torch.int64)
+    if tok is not None:   # gather the pages out of the token buffer
+        P = cfg.page_size
+        idx = (torch.as_tensor(tok, device=k.device).to(torch.int64)[:, None] + torch.arange(P, device=k.device))
+        k, v = k[idx], v[idx]
+        sq = sq[idx] if sq is not None else None
     if rows is not None:
         keep = ids >= 0
         src = torch.as_tensor(rows, device=k.device).to(torch.int64)[keep]

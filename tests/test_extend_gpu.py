@@ -75,7 +75,8 @@ def step_case(reqs, P, Hq, H, D, dtype, bits, method, prefill, seed, dev="cuda")
                        P, req_to_token)
     raw_k, raw_v = fill_scratch(torch.cat(new_k), torch.cat(new_v), res_k, res_v, plan)
     if plan.store is not None:   # the pages this step completes, packed before attention
-        idx, ids = plan.store
+        start, ids = plan.store
+        idx = (start[:, None] + torch.arange(P, device=dev)).flatten()
         store_pages(raw_k[idx].view(-1, P, H, D), raw_v[idx].view(-1, P, H, D), ids, pool, cfg)
     T = sum(e for _, e in reqs)
     q = torch.randn(T, Hq, D, generator=gen, device=dev).to(dtype)
@@ -177,6 +178,57 @@ def test_extend_kernel_long(case):
     print(f"long {reqs} P={P} {Hq}/{H} d={D} {prefill}: rel {rel:.2e} mean {mean:.2e} lse {lse_err:.2e}")
 
 
+SCRATCH = [  # (reqs, P, heads, D, dtype): residuals, completed pages and tails of every kind
+    ([(0, 7), (64, 1000), (4095, 65)], 64, (32, 8), 128, torch.bfloat16),
+    ([(24576 + 40, 16), (31, 1), (5, 200)], 32, (9, 3), 64, torch.float16),
+    ([(127, 1), (0, 8192)], 128, (8, 8), 128, torch.bfloat16),
+]
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("case", range(len(SCRATCH)))
+def test_scratch_copies_match_twin(case):
+    # the copy kernel's scratch and residual tails == the indexed torch copies, bit for bit, with the new
+    # K/V strided views into a fused qkv buffer (as the model hands them over); the store reading pages
+    # at the scratch's token starts == the store of the gathered pages
+    from sglang_oscar.extend import scratch, scratch_tail, write_tail
+    reqs, P, (Hq, H), D, dtype = SCRATCH[case]
+    dev, B = "cuda", len(reqs)
+    gen = torch.Generator(device=dev).manual_seed(case)
+    T = sum(e for _, e in reqs)
+    qkv = torch.randn(T, (Hq + 2 * H) * D, generator=gen, device=dev).to(dtype)
+    k, v = qkv[:, Hq * D:(Hq + H) * D], qkv[:, (Hq + H) * D:]
+    res_k = torch.randn(B + 2, P, H, D, generator=gen, device=dev).to(dtype)
+    res_v = torch.randn(B + 2, P, H, D, generator=gen, device=dev).to(dtype)
+    rows = list(range(1, B + 1))
+    width = max(a + e for a, e in reqs) // P * P + P
+    req_to_token = (torch.randperm(B * width // P + 3, device=dev)[:B * width // P].view(B, -1, 1) * P
+                    + torch.arange(P, device=dev)).view(B, width).to(torch.int32)
+    req_to_token = torch.cat([req_to_token[:1], req_to_token])   # row 0 unused
+    plan = plan_extend(torch.tensor(rows, device=dev), torch.tensor([a for a, _ in reqs], device=dev),
+                       torch.tensor([e for _, e in reqs], device=dev), [a for a, _ in reqs], [e for _, e in reqs],
+                       P, req_to_token)
+    ref_k, ref_v = fill_scratch(k, v, res_k, res_v, plan)
+    raw_k, raw_v = scratch(k, v, res_k, res_v, plan)
+    assert torch.equal(raw_k, ref_k) and torch.equal(raw_v, ref_v)
+    tk, tv = res_k.clone(), res_v.clone()
+    write_tail(ref_k, ref_v, tk, tv, plan)
+    scratch_tail(raw_k, raw_v, res_k, res_v, plan)
+    assert plan.tail is not None and torch.equal(res_k, tk) and torch.equal(res_v, tv)
+    start, ids = plan.store
+    cfg = OscarConfig(bits=2, page_size=P)
+    shapes = layout.page_shapes(P, H, D, 2)
+    pools = [{f: torch.zeros((int(req_to_token.max()) // P + 1, *s), dtype=dt, device=dev)
+              for f, (s, dt) in shapes.items()} for _ in range(2)]
+    idx = (start[:, None] + torch.arange(P, device=dev)).flatten()
+    store_pages(ref_k[idx].view(-1, P, H, D), ref_v[idx].view(-1, P, H, D), ids, pools[0], cfg)
+    store_pages(raw_k, raw_v, ids, pools[1], cfg, tok=start)
+    for f in shapes:
+        assert torch.equal(pools[0][f], pools[1][f]), f
+    assert pools[1]["k_norm"][ids].abs().sum() > 0   # the pages were written
+
+
 @pytest.mark.gpu
 @needs_cuda
 @pytest.mark.parametrize("P,Hq,H,D,bits,dtype,prefill", [
@@ -216,8 +268,15 @@ def test_plan_matches_loop_reference():
             assert got.info.tolist() == ref["info"]
             res = [] if got.res is None else list(zip(*[t.tolist() for t in got.res]))
             assert res == ref["res"]
-            idx, ids = ([], []) if got.store is None else (t.tolist() for t in got.store)
-            assert (idx, ids) == (ref["store"][0], ref["store"][1])
+            start, ids = ([], []) if got.store is None else (t.tolist() for t in got.store)
+            assert (start, ids) == (ref["store"][0], ref["store"][1])
+            src = [None] * ref["n_raw"]   # the copy kernel's sources: new token t, or a residual (row, slot)
+            for t, d in enumerate(ref["dst_new"]):
+                src[d] = t
+            for row, slot, d in ref["res"]:
+                src[d] = -1 - (row * P + slot)
+            assert got.src.tolist() == src
+            assert ([] if got.tail_dst is None else got.tail_dst.tolist()) == [r * P + j for _, r, j in ref["tail"]]
             tail = [] if got.tail is None else list(zip(*[t.tolist() for t in got.tail]))
             assert tail == ref["tail"]
 
