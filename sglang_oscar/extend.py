@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
@@ -29,6 +29,9 @@ from .config import OscarConfig
 from .layout import FIELDS
 from .reference import attend, boundaries
 from .wrapper import _aligned
+
+if TYPE_CHECKING:   # flash.py imports this module
+    from .flash import FlashPlan
 
 ROWS = (128, 64)   # the kernel's MMA rows per CTA: (token, query head) pairs of one KV head
 WAVE_CTAS = 2      # 128-row CTAs (one per SM) only when they fill at least this many waves
@@ -80,7 +83,7 @@ class ExtendPlan:
     req_to_token: torch.Tensor
     use_flash: bool | None = None  # the flash path (None: flash.fits decides at the first layer)
     splits: int | None = None      # key splits forced (None: key_splits decides)
-    flash: dict | None = None      # flash.plan_flash's indices, built where the flash path serves
+    flash: FlashPlan | None = None  # flash.plan_flash's indices, built where the flash path serves
     blocks: dict = dataclasses.field(default_factory=dict)   # GQA group size -> Blocks
     part: dict = dataclasses.field(default_factory=dict)     # the split partials, reused by every layer
 

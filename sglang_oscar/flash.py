@@ -26,7 +26,9 @@ device pieces; the whole path is tested against extend.extend_reference.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
+from typing import NamedTuple
 
 import torch
 
@@ -48,15 +50,36 @@ ALL_TOKENS = 4096             # new tokens enough on their own
 SCRATCH_BYTES = 512 << 20     # at most this much dequantized K+V per step, else the extend kernel
 
 
-def _part(q_idx, k_start, used, T, n_keys, max_q, max_k, causal, dequantized):
-    """One FlashAttention call: sequence i = queries q_idx[i] .. q_idx[i+1]-1 over keys k_start[i] ..+ used[i]."""
+class FlashPart(NamedTuple):
+    """One FlashAttention call: sequence i = queries cu_q[i] .. cu_q[i+1]-1 over keys cu_k[i] ..+ used[i]."""
+    cu_q: torch.Tensor     # int32 [n + 1], device: each sequence's first query, then T
+    cu_k: torch.Tensor     # int32 [n + 1], device: each sequence's first key (they may overlap), then the key count
+    used: torch.Tensor     # int32 [n], device: keys each sequence reads (FlashAttention's seqused_k)
+    max_q: int             # most queries of a sequence, on the host: FlashAttention sizes its grid by it
+    max_k: int             # most keys a sequence reads, on the host (FlashAttention's max_seqlen_k)
+    causal: bool           # aligned to the end of the sequence's keys
+    dequantized: bool      # keys from the dequantized scratch (rotated queries), else the raw scratch
+
+
+@dataclasses.dataclass
+class FlashPlan:
+    """plan_flash's indices for one batch: the pages every layer dequantizes and the parts it merges."""
+    page_ids: torch.Tensor | None   # int64 [n_pages], device: pool pages to dequantize (None when n_pages is 0)
+    n_pages: int                    # len(page_ids) on the host: sizes the scratch without a sync
+    parts: list[FlashPart]          # their states merged by log-sum-exp
+    # (H, D) -> [k, v] SCRATCH_DTYPE [n_pages * P, H, D]: allocated at the first layer, reused by the others
+    scratch: dict = dataclasses.field(default_factory=dict)
+
+
+def _part(q_idx, k_start, used, T, n_keys, max_q, max_k, causal, dequantized) -> FlashPart:
+    """The FlashPart of sequences starting at queries q_idx and keys k_start (device, any int dtype)."""
     i32 = torch.int32
     tail = lambda x, v: torch.cat([x.to(i32), x.new_full((1,), v, dtype=i32)])  # noqa: E731  (no host copy)
-    return dict(cu_q=tail(q_idx, T), cu_k=tail(k_start, n_keys), used=used.to(i32).contiguous(),
-                max_q=int(max_q), max_k=int(max_k), causal=causal, dequantized=dequantized)
+    return FlashPart(cu_q=tail(q_idx, T), cu_k=tail(k_start, n_keys), used=used.to(i32).contiguous(),
+                     max_q=int(max_q), max_k=int(max_k), causal=causal, dequantized=dequantized)
 
 
-def plan_flash(plan, cfg: OscarConfig) -> dict:
+def plan_flash(plan, cfg: OscarConfig) -> FlashPlan:
     """Device indices of the flash path for an extend plan (extend.plan_extend), no host sync."""
     P = plan.P
     info = plan.info.to(torch.int64)
@@ -108,7 +131,7 @@ def plan_flash(plan, cfg: OscarConfig) -> dict:
             parts.append(_part(q_start, dq_off, n_dq * P, T, N * P, max(ext_c), max(n_dq_c) * P, False, True))
         parts.append(_part(q_start, raw_off, seq - pre // P * P, T, n_raw, max(ext_c),
                            max(s - a // P * P for a, s in zip(pre_c, seq_c)), True, False))
-    return dict(page_ids=page_ids, n_pages=N, parts=parts, scratch={})
+    return FlashPlan(page_ids, N, parts)
 
 
 def fits(plan, H: int, D: int) -> bool:
@@ -164,13 +187,13 @@ def merge_reference(outs, lses):
     return o.to(outs[0].dtype), torch.where(tot > 0, (m + torch.log(tot)) / math.log(2), float("-inf"))
 
 
-def _flash(q, k, v, part, scale):
+def _flash(q, k, v, part: FlashPart, scale):
     if q.is_cuda:
         o, lse = torch.ops.aten._flash_attention_forward(
-            q, k, v, part["cu_q"], part["cu_k"], part["max_q"], part["max_k"], 0.0, part["causal"], False,
-            scale=scale, seqused_k=part["used"])[:2]
+            q, k, v, part.cu_q, part.cu_k, part.max_q, part.max_k, 0.0, part.causal, False,
+            scale=scale, seqused_k=part.used)[:2]
         return o, lse
-    return varlen_reference(q, k, v, part["cu_q"], part["cu_k"], part["used"], part["causal"], scale)
+    return varlen_reference(q, k, v, part.cu_q, part.cu_k, part.used, part.causal, scale)
 
 
 _HADAMARD = {}
@@ -198,20 +221,20 @@ def run_flash(q, layer_pool: dict, raw_k, raw_v, plan, cfg: OscarConfig, sm_scal
     optional destinations."""
     fp = plan.flash
     dk = dv = None
-    if fp["n_pages"]:
+    if fp.n_pages:
         P, H, D = plan.P, raw_k.shape[1], raw_k.shape[2]
         key = (H, D)
-        if key not in fp["scratch"]:   # one scratch per batch, shared by its layers
-            fp["scratch"] = {key: [q.new_empty((fp["n_pages"] * P, H, D), dtype=SCRATCH_DTYPE) for _ in range(2)]}
-        dk, dv = fp["scratch"][key]
+        if key not in fp.scratch:   # one scratch per batch, shared by its layers
+            fp.scratch = {key: [q.new_empty((fp.n_pages * P, H, D), dtype=SCRATCH_DTYPE) for _ in range(2)]}
+        dk, dv = fp.scratch[key]
         if q.is_cuda:
-            ops.load().dequant(*[layer_pool[f] for f in FIELDS], fp["page_ids"], dk, dv, cfg.bits)
+            ops.load().dequant(*[layer_pool[f] for f in FIELDS], fp.page_ids, dk, dv, cfg.bits)
         else:
-            dk[:], dv[:] = dequant_reference(layer_pool, fp["page_ids"], cfg.bits, SCRATCH_DTYPE)
+            dk[:], dv[:] = dequant_reference(layer_pool, fp.page_ids, cfg.bits, SCRATCH_DTYPE)
     qr, factor = _rotated(q, cfg) if dk is not None else (None, 1.0)
     outs, lses = [], []
-    for part in fp["parts"]:
-        if part["dequantized"]:
+    for part in fp.parts:
+        if part.dequantized:
             o, l = _flash(qr, dk, dv, part, sm_scale * factor)
             o = o.to(q.dtype)
         else:

@@ -163,11 +163,11 @@ def test_flash_varlen_matches_reference(causal):
     used = [40, 7, 256, 0, 50]        # one empty: it must come back with no contribution
     cu_q = torch.tensor([0] + list(itertools.accumulate(lens_q)), dtype=torch.int32, device="cuda")
     q = torch.randn(int(cu_q[-1]), Hq, D, generator=gen, device="cuda").to(dtype)
-    part = dict(cu_q=cu_q, cu_k=torch.tensor(starts + [300], dtype=torch.int32, device="cuda"),
-                used=torch.tensor(used, dtype=torch.int32, device="cuda"), max_q=max(lens_q), max_k=max(used),
-                causal=causal, dequantized=False)
+    part = flash.FlashPart(cu_q=cu_q, cu_k=torch.tensor(starts + [300], dtype=torch.int32, device="cuda"),
+                           used=torch.tensor(used, dtype=torch.int32, device="cuda"), max_q=max(lens_q),
+                           max_k=max(used), causal=causal, dequantized=False)
     o, lse = flash._flash(q, k, v, part, 0.1)
-    ro, rl = flash.varlen_reference(q, k, v, part["cu_q"], part["cu_k"], part["used"], causal, 0.1)
+    ro, rl = flash.varlen_reference(q, k, v, part.cu_q, part.cu_k, part.used, causal, 0.1)
     assert lse.shape == rl.shape == (Hq, q.shape[0])
     seen = torch.isfinite(rl)
     assert ((lse == float("inf")) | (lse == float("-inf")))[~seen].all()
