@@ -136,35 +136,13 @@ def plot(rows, path):
     fig.savefig(path, dpi=120)
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
-    a = ap.parse_args()
-    os.makedirs(a.out, exist_ok=True)
-    ops.load()
-    rows = []
-    for hq, hkv, d in SHAPES:
-        for S, T in CASES:
-            r = dict(hq=hq, hkv=hkv, d=d, bits=2, page_size=P, prefix=S, chunk=T)
-            for mode, key in (("page", "oscar"), ("chunk", "oscar_chunk")):
-                ms, kern, fl, first, path, splits = time_backend(hq, hkv, d, S, T, iters=10, prefill=mode)
-                r.update({f"{key}_ms": round(ms, 3), f"{key}_path": path, f"{key}_kernel_ms": round(kern, 3),
-                          f"{key}_kernel_splits": splits,
-                          f"{key}_flash_ms": round(fl, 3), f"{key}_first_call_ms": round(first, 1)})
-            from torch.nn.attention import SDPBackend
-            r["bf16_sdpa_ms"] = round(time_sdpa(hq, hkv, d, S, T), 3)
-            r["bf16_fa2_ms"] = round(time_sdpa(hq, hkv, d, S, T, backend=SDPBackend.FLASH_ATTENTION), 3)
-            # attention FLOPs of the step (QK and PV, causal), per second at SDPA's time
-            r["bf16_sdpa_tflops"] = round(4 * T * (S + (T + 1) / 2) * d * hq / r["bf16_sdpa_ms"] / 1e9, 1)
-            r["ratio_page"] = round(r["oscar_ms"] / r["bf16_sdpa_ms"], 2)
-            r["ratio_chunk"] = round(r["oscar_chunk_ms"] / r["bf16_sdpa_ms"], 2)
-            rows.append(r)
-            print(f"{hq}/{hkv} d={d} S={S} T={T}: page {r['oscar_ms']:.3f} ms ({r['oscar_path']}; kernel "
-                  f"{r['oscar_kernel_ms']:.3f} flash {r['oscar_flash_ms']:.3f}), chunk {r['oscar_chunk_ms']:.3f} ms "
-                  f"({r['oscar_chunk_path']}; kernel {r['oscar_chunk_kernel_ms']:.3f} flash "
-                  f"{r['oscar_chunk_flash_ms']:.3f}), bf16 SDPA {r['bf16_sdpa_ms']:.3f} ms: "
-                  f"{r['ratio_page']}x / {r['ratio_chunk']}x (SDPA {r['bf16_sdpa_tflops']} TFLOP/s; FA2 forced "
-                  f"{r['bf16_fa2_ms']:.3f} ms)", flush=True)
+def result_path(out: str) -> str:
+    """out/extend_<gpu>.json (h200, h100, ...)."""
+    m = re.search(r"\b([A-Z]\d{2,3})\b", torch.cuda.get_device_properties(0).name)
+    return os.path.join(out, f"extend_{m.group(1).lower() if m else 'gpu'}.json")
+
+
+def write(rows, path):
     import importlib.util
     props = torch.cuda.get_device_properties(0)
     from sglang_oscar import flash
@@ -183,11 +161,42 @@ def main():
                         "with FlashAttention-2 forced (the kernel the flash path runs), bf16_sdpa_tflops = the "
                         "step's attention FLOPs per second at bf16_sdpa_ms; FlashInfer's prefill is the other bf16 baseline the goal "
                         "names, but it is not installed on this machine (flashinfer_installed).")
-    m = re.search(r"\b([A-Z]\d{2,3})\b", props.name)
-    tag = m.group(1).lower() if m else "gpu"
-    with open(os.path.join(a.out, f"extend_{tag}.json"), "w") as f:
+    with open(path, "w") as f:
         json.dump(result, f, indent=1)
-    plot(rows, os.path.join(a.out, f"extend_{tag}.png"))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    a = ap.parse_args()
+    os.makedirs(a.out, exist_ok=True)
+    ops.load()
+    rows = []
+    path = result_path(a.out)
+    for hq, hkv, d in SHAPES:
+        for S, T in CASES:
+            r = dict(hq=hq, hkv=hkv, d=d, bits=2, page_size=P, prefix=S, chunk=T)
+            for mode, key in (("page", "oscar"), ("chunk", "oscar_chunk")):
+                ms, kern, fl, first, taken, splits = time_backend(hq, hkv, d, S, T, iters=10, prefill=mode)
+                r.update({f"{key}_ms": round(ms, 3), f"{key}_path": taken, f"{key}_kernel_ms": round(kern, 3),
+                          f"{key}_kernel_splits": splits,
+                          f"{key}_flash_ms": round(fl, 3), f"{key}_first_call_ms": round(first, 1)})
+            from torch.nn.attention import SDPBackend
+            r["bf16_sdpa_ms"] = round(time_sdpa(hq, hkv, d, S, T), 3)
+            r["bf16_fa2_ms"] = round(time_sdpa(hq, hkv, d, S, T, backend=SDPBackend.FLASH_ATTENTION), 3)
+            # attention FLOPs of the step (QK and PV, causal), per second at SDPA's time
+            r["bf16_sdpa_tflops"] = round(4 * T * (S + (T + 1) / 2) * d * hq / r["bf16_sdpa_ms"] / 1e9, 1)
+            r["ratio_page"] = round(r["oscar_ms"] / r["bf16_sdpa_ms"], 2)
+            r["ratio_chunk"] = round(r["oscar_chunk_ms"] / r["bf16_sdpa_ms"], 2)
+            rows.append(r)
+            print(f"{hq}/{hkv} d={d} S={S} T={T}: page {r['oscar_ms']:.3f} ms ({r['oscar_path']}; kernel "
+                  f"{r['oscar_kernel_ms']:.3f} flash {r['oscar_flash_ms']:.3f}), chunk {r['oscar_chunk_ms']:.3f} ms "
+                  f"({r['oscar_chunk_path']}; kernel {r['oscar_chunk_kernel_ms']:.3f} flash "
+                  f"{r['oscar_chunk_flash_ms']:.3f}), bf16 SDPA {r['bf16_sdpa_ms']:.3f} ms: "
+                  f"{r['ratio_page']}x / {r['ratio_chunk']}x (SDPA {r['bf16_sdpa_tflops']} TFLOP/s; FA2 forced "
+                  f"{r['bf16_fa2_ms']:.3f} ms)", flush=True)
+            write(rows, path)   # after every row: a run cut short keeps what it measured
+        plot(rows, path.replace(".json", ".png"))
 
 
 if __name__ == "__main__":
