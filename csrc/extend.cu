@@ -223,20 +223,27 @@ __global__ void __launch_bounds__(WARPS * 32, 8 / WARPS) extend_kernel(const Ext
   float* qsc_s = reinterpret_cast<float*>(smem + G::QS_OFF);
   const int32_t* r2t = p.req_to_token + int64_t(row) * p.req_to_token_stride;
 
-  // ---- packed tile j -> staging slot j & 1 (7 fields; a tile spans 64 / min(P, 64) pages)
-  auto issue_packed = [&](int j) {
+  // ---- packed tile j -> staging slot j & 1 (7 fields; a tile spans 64 / min(P, 64) pages). The page
+  // ids come from tile_pages() one tile earlier, so the req_to_token load is off the issue path.
+  const int seg = P < kTile ? P : kTile;
+  const int nseg = kTile / seg;
+  auto tile_pages = [&](int j, int (&pid)[2]) {
+#pragma unroll
+    for (int s = 0; s < 2; ++s) {  // unrolled over the 2-entry bound: registers, not a stack array
+      const int pg = (j * kTile + s * seg) / P;
+      pid[s] = s < nseg && pg < npk ? r2t[int64_t(pg) * P] / P : -1;
+    }
+  };
+  auto issue_packed = [&](int j, const int (&pid)[2]) {
     unsigned char* st = smem + G::ST_OFF + (j & 1) * G::STAGE_B;
-    const int seg = P < kTile ? P : kTile;
-    const int nseg = kTile / seg;
     int64_t ph[2] = {0, 0};
     int tok[2] = {0, 0};
     bool ok[2] = {false, false};
-    for (int s = 0; s < nseg; ++s) {
-      const int x = j * kTile + s * seg;
-      const int pg = x / P;
-      ok[s] = pg < npk;
-      tok[s] = x % P;
-      ph[s] = ok[s] ? int64_t(r2t[int64_t(pg) * P] / P) * p.H + h : 0;
+#pragma unroll
+    for (int s = 0; s < 2; ++s) {
+      ok[s] = pid[s] >= 0;
+      tok[s] = (j * kTile + s * seg) % P;
+      ph[s] = ok[s] ? int64_t(pid[s]) * p.H + h : 0;
     }
     auto field = [&](int dst_off, const unsigned char* src, int64_t unit_per_head, int64_t unit_per_tok, int seg_b) {
       // src + (ph * unit_per_head + tok * unit_per_tok) is the segment's first byte
@@ -272,9 +279,16 @@ __global__ void __launch_bounds__(WARPS * 32, 8 / WARPS) extend_kernel(const Ext
     }
   };
 
-  if (pj0 < pj1) issue_packed(pj0);
+  int pid[2] = {-1, -1};
+  if (pj0 < pj1) {
+    tile_pages(pj0, pid);
+    issue_packed(pj0, pid);
+  }
   cp_commit();
-  if (pj0 + 1 < pj1) issue_packed(pj0 + 1);
+  if (pj0 + 1 < pj1) {
+    tile_pages(pj0 + 1, pid);
+    issue_packed(pj0 + 1, pid);
+  }
   cp_commit();
 
   // ---- queries: raw copy (model dtype) for the raw phase; rotated and scaled by each row's max |q|
@@ -311,6 +325,7 @@ __global__ void __launch_bounds__(WARPS * 32, 8 / WARPS) extend_kernel(const Ext
   // ---- packed phase
   if (pj0 < pj1) load_q_frags<D>(qf, q_s, warp, lane);
   for (int j = pj0; j < pj1; ++j) {
+    if (j + 2 < pj1) tile_pages(j + 2, pid);  // lands while tile j is dequantized
     cp_wait<1>();
     __syncthreads();  // tile j landed; every warp is done with the previous K / V tiles
     const unsigned char* st = smem + G::ST_OFF + (j & 1) * G::STAGE_B;
@@ -354,7 +369,7 @@ __global__ void __launch_bounds__(WARPS * 32, 8 / WARPS) extend_kernel(const Ext
 #pragma unroll
     for (int nt = 0; nt < 8; ++nt) nrm[nt] = *reinterpret_cast<const float2*>(kn + nt * 8 + 2 * tig);
     __syncthreads();  // tiles dequantized; the staging slot is free
-    if (j + 2 < pj1) issue_packed(j + 2);
+    if (j + 2 < pj1) issue_packed(j + 2, pid);
     cp_commit();
 
     qk_tile<__half, D, true>(qf, k_s, S, lane);

@@ -37,6 +37,7 @@ ROWS = (128, 64)   # the kernel's MMA rows per CTA: (token, query head) pairs of
 WAVE_CTAS = 2      # 128-row CTAs (one per SM) only when they fill at least this many waves
 MAX_SPLITS = 32    # = kMaxExtendSplits in csrc/kernels.h
 SPLIT_TILES = 8    # a key split streams at least this many 64-key tiles (amortizes its queries and merge)
+SPLIT_COST = 2     # a split's fixed cost (queries in, partial out) in tile times, for key_splits' makespan
 
 
 def segments(lens: torch.Tensor, total: int):
@@ -216,13 +217,18 @@ _MAX_ROWS = {}
 
 
 def key_splits(count: int, H: int, rows: int, sms: int, longest: int) -> int:
-    """Key splits per query block: enough CTAs for one wave (64-row CTAs run two per SM) when the step's
-    count x H blocks leave SMs idle, each split at least SPLIT_TILES tiles of the longest request's keys."""
+    """Key splits per query block when the step's count x H blocks leave SMs idle (a chat turn's short
+    chunk over a long cached prefix): the split count with the shortest makespan, waves x (tiles per
+    split + SPLIT_COST), over runs of at least SPLIT_TILES 64-key tiles of the longest request. Counting
+    waves matters: 5 splits of 64 blocks are 320 CTAs, a second wave of 56 on 264 slots (64-row CTAs run
+    two per SM), slower than 4 splits in one wave."""
     ctas = count * H
     wave = sms * (2 if rows == 64 else 1)
     if ctas >= wave:
         return 1
-    return max(1, min(MAX_SPLITS, -(-wave // ctas), -(-longest // 64) // SPLIT_TILES))
+    tiles = -(-longest // 64)
+    top = max(1, min(MAX_SPLITS, tiles // SPLIT_TILES))
+    return min(range(1, top + 1), key=lambda s: (-(-ctas * s // wave) * (-(-tiles // s) + SPLIT_COST), s))
 
 
 def _blocks(plan: ExtendPlan, g: int, H: int, D: int, bits: int) -> Blocks:

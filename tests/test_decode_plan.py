@@ -137,21 +137,33 @@ def test_kernels_gated_on_shape_and_override(fake_gpu, monkeypatch, caplog):
     assert ops.torch_path_reason(OscarConfig()) == "SGLANG_OSCAR_DECODE=torch"
 
 
-def test_extend_key_splits_fill_one_wave_in_long_enough_runs():
+def test_extend_key_splits_take_the_shortest_makespan():
     """The extend plan's key splits: none once the query blocks fill a wave (two 64-row CTAs or one
-    128-row CTA per SM); otherwise the fewest that fill it, capped by kMaxExtendSplits and by runs of
-    at least SPLIT_TILES 64-key tiles of the longest request."""
-    from sglang_oscar.extend import MAX_SPLITS, SPLIT_TILES, key_splits
+    128-row CTA per SM); otherwise the split count whose CTAs finish first, counted in whole waves of
+    tiles per split plus a split's fixed cost, over runs of at least SPLIT_TILES 64-key tiles of the
+    longest request, capped by kMaxExtendSplits; no split count of a wave's worth of CTAs or fewer
+    ever loses to more."""
+    import math
+    from sglang_oscar.extend import MAX_SPLITS, SPLIT_COST, SPLIT_TILES, key_splits
     for count, H, rows, sms, longest in [(1, 8, 64, 132, 24592), (1, 8, 64, 132, 300), (4, 8, 128, 132, 24704),
                                          (40, 8, 64, 132, 8192), (33, 8, 64, 132, 32768), (17, 8, 128, 132, 1 << 17),
-                                         (2, 3, 64, 108, 4160), (1, 1, 64, 8, 70000)]:
+                                         (2, 3, 64, 108, 4160), (1, 1, 64, 8, 70000), (4, 8, 64, 132, 24640),
+                                         (8, 8, 64, 132, 24704), (8, 3, 64, 132, 2176), (3, 8, 64, 132, 4096)]:
         s = key_splits(count, H, rows, sms, longest)
         wave = sms * (2 if rows == 64 else 1)
         assert 1 <= s <= MAX_SPLITS
         if count * H >= wave:
             assert s == 1
             continue
-        tiles = -(-longest // 64)
+        tiles = math.ceil(longest / 64)
         assert s == 1 or tiles // s >= SPLIT_TILES                # every split streams enough tiles
-        assert count * H * s >= wave or s in (MAX_SPLITS, max(1, tiles // SPLIT_TILES))
-        assert s == 1 or count * H * (s - 1) < wave               # and no more splits than a wave needs
+
+        def makespan(n):
+            return math.ceil(count * H * n / wave) * (math.ceil(tiles / n) + SPLIT_COST)
+        allowed = [n for n in range(1, MAX_SPLITS + 1) if n == 1 or tiles // n >= SPLIT_TILES]
+        assert makespan(s) == min(makespan(n) for n in allowed)
+        assert all(makespan(n) > makespan(s) for n in allowed if n < s)   # the fewest of the fastest
+    # chat turns over a 24k prefix, Llama-8B heads (8 KV heads) on 132 SMs: one full wave, not 1.2
+    assert key_splits(1, 8, 64, 132, 24592) == 30      # 16 new tokens: 13 tiles a split, as with 32
+    assert key_splits(4, 8, 64, 132, 24640) == 8       # 64 new tokens: 256 CTAs (9 would make 288)
+    assert key_splits(8, 8, 64, 132, 24704) == 4       # 128 new tokens: 256 CTAs (5 would make 320)

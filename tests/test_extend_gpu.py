@@ -215,7 +215,9 @@ def test_scratch_copies_match_twin(case):
     tk, tv = res_k.clone(), res_v.clone()
     write_tail(ref_k, ref_v, tk, tv, plan)
     scratch_tail(raw_k, raw_v, res_k, res_v, plan)
-    assert plan.tail is not None and torch.equal(res_k, tk) and torch.equal(res_v, tv)
+    # cases 0 and 1 leave partial pages; in case 2 every request ends on a page boundary (no tail launch)
+    assert (plan.tail is not None) == any((a + e) % P for a, e in reqs)
+    assert torch.equal(res_k, tk) and torch.equal(res_v, tv)
     start, ids = plan.store
     cfg = OscarConfig(bits=2, page_size=P)
     shapes = layout.page_shapes(P, H, D, 2)
