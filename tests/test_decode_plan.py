@@ -141,8 +141,7 @@ def test_extend_key_splits_take_the_shortest_makespan():
     """The extend plan's key splits: none once the query blocks fill a wave (two 64-row CTAs or one
     128-row CTA per SM); otherwise the split count whose CTAs finish first, counted in whole waves of
     tiles per split plus a split's fixed cost, over runs of at least SPLIT_TILES 64-key tiles of the
-    longest request, capped by kMaxExtendSplits; no split count of a wave's worth of CTAs or fewer
-    ever loses to more."""
+    longest request, capped by kMaxExtendSplits; of equally fast counts, the fewest."""
     import math
     from sglang_oscar.extend import MAX_SPLITS, SPLIT_COST, SPLIT_TILES, key_splits
     for count, H, rows, sms, longest in [(1, 8, 64, 132, 24592), (1, 8, 64, 132, 300), (4, 8, 128, 132, 24704),
