@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import time
+import warnings
 
 import requests
 
@@ -27,19 +28,49 @@ def _die_with_parent():
 
 
 class Server:
-    """A launch_server subprocess on 127.0.0.1; `with Server([...]) as s: requests.get(s.url + ...)`."""
+    """A launch_server subprocess on 127.0.0.1; `with Server([...]) as s: requests.get(s.url + ...)`.
 
-    def __init__(self, args, env=None, log_path=None, timeout=600):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.args = [sys.executable, "-m", "sglang_oscar.launch_server", "--host", "127.0.0.1",
-                     "--port", str(self.port), *args]
+    A start that is not healthy within `timeout` seconds is tried again on a fresh port, up to `attempts`
+    starts in all: a CPU start takes about 30 s, yet one hung past 600 s once on a CI machine (cause not
+    found), and a test run should not lose every server test to that. A retry warns with the hung start's
+    log tail, so the hang stays visible; a server that exits during start-up is never retried.
+    """
+
+    def __init__(self, args, env=None, log_path=None, timeout=300, attempts=2):
+        self.user_args = list(args)
         self.env = {**os.environ, **(env or {})}
         self.log_path = log_path
         self.timeout = timeout
+        self.attempts = attempts
         self.proc = None
+        self._place()
+
+    def _place(self):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.args = [sys.executable, "-m", "sglang_oscar.launch_server", "--host", "127.0.0.1",
+                     "--port", str(self.port), *self.user_args]
+
+    def log_tail(self, lines=40) -> str:
+        if not self.log_path or not os.path.exists(self.log_path):
+            return "(no log)"
+        with open(self.log_path, errors="replace") as f:
+            return "".join(f.readlines()[-lines:])
 
     def start(self):
+        for attempt in range(1, self.attempts + 1):
+            if self._start_once():
+                return self
+            tail = self.log_tail()
+            if attempt == self.attempts:
+                raise TimeoutError(f"server not healthy after {self.timeout}s ({self.attempts} starts); "
+                                   f"last log lines:\n{tail}")
+            warnings.warn(f"server start {attempt} not healthy after {self.timeout}s, starting again on a "
+                          f"fresh port; its last log lines:\n{tail}", stacklevel=2)
+            self._place()
+        return self
+
+    def _start_once(self) -> bool:
         log = open(self.log_path, "w") if self.log_path else subprocess.DEVNULL
         # A new session, so stop() can end SGLang's whole process tree.
         self.proc = subprocess.Popen(self.args, env=self.env, stdout=log, stderr=subprocess.STDOUT,
@@ -48,15 +79,15 @@ class Server:
         while time.time() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited with {self.proc.returncode} during start-up"
-                                   + (f"; log: {self.log_path}" if self.log_path else ""))
+                                   + (f"; log: {self.log_path}\n{self.log_tail()}" if self.log_path else ""))
             try:
                 if requests.get(self.url + "/health", timeout=5).status_code == 200:
-                    return self
+                    return True
             except requests.RequestException:
                 pass
             time.sleep(1)
         self.stop()
-        raise TimeoutError(f"server not healthy after {self.timeout}s")
+        return False
 
     def stop(self):
         if self.proc and self.proc.poll() is None:
