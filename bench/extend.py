@@ -3,10 +3,13 @@ tokens after a cached prefix of S tokens, through the backend itself (raw scratc
 launch for the pages the step completes, the residual tail, the extend kernel), in both prefill
 modes, against bf16 flash attention (torch SDPA) over the same keys. The backend takes the flash path
 (flash.py: dequantize the pages once, FlashAttention varlen, merge) for steps of flash.MIN_TOKENS new
-tokens or more and the extend kernel below; both are timed alone too (*_kernel_ms, *_flash_ms: the
-step's attention without the scratch and the store), which is where MIN_TOKENS comes from.
+tokens or more (by the cached prefix and head_dim) and the extend kernel below; both are timed alone
+too (*_kernel_ms, *_flash_ms: the step's attention without the scratch and the store), which is where
+MIN_TOKENS comes from (--sweep).
 
     python bench/extend.py [--out bench/results]     -> extend_<gpu>.json + extend_<gpu>.png (h200, h100, ...)
+    python bench/extend.py --sweep                   -> extend_sweep_<gpu>.json + .png: the extend kernel alone
+        against the flash path alone over a grid of prefixes and chunks, where flash.py's thresholds come from
 """
 from __future__ import annotations
 
@@ -32,6 +35,7 @@ SHAPES = [(32, 8, 128), (9, 3, 64)]             # Llama-3.1-8B, SmolLM2-135M hea
 CASES = [(24576, 16), (24576, 64), (24576, 128), (24576, 256), (24576, 512), (8192, 128), (2048, 128),
          (0, 512),      # (prefix S, chunk T)
          (0, 2048), (8192, 2048), (24576, 2048), (0, 8192), (8192, 8192), (24576, 8192)]
+SWEEP = [(S, T) for S in (0, 2048, 8192, 24576) for T in (128, 256, 384, 512, 768, 1024, 2048, 4096)]
 
 
 def setup(hq, hkv, d, S, T, kernels, prefill="page"):
@@ -112,12 +116,19 @@ def time_sdpa(hq, hkv, d, S, T, iters=10, backend=None):
         return cuda_ms(f, iters)
 
 
-def plot(rows, path):
+def figure(rows):
+    """(figure, [(axis, shape)]): one panel per head shape measured so far."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, len(SHAPES), figsize=(6 * len(SHAPES), 4.5))
-    for ax, (hq, hkv, d) in zip(axes, SHAPES):
+    shapes = [sh for sh in SHAPES if any((r["hq"], r["hkv"], r["d"]) == sh for r in rows)]
+    fig, axes = plt.subplots(1, len(shapes), figsize=(6 * len(shapes), 4.5), squeeze=False)
+    return fig, list(zip(axes[0], shapes))
+
+
+def plot(rows, path):
+    fig, panels = figure(rows)
+    for ax, (hq, hkv, d) in panels:
         rs = [r for r in rows if (r["hq"], r["hkv"], r["d"]) == (hq, hkv, d)]
         xs = range(len(rs))
         w = 0.27
@@ -136,22 +147,40 @@ def plot(rows, path):
     fig.savefig(path, dpi=120)
 
 
-def result_path(out: str) -> str:
-    """out/extend_<gpu>.json (h200, h100, ...)."""
+def plot_sweep(rows, path):
+    """The extend kernel's time over the flash path's (both alone, page prefill) against the chunk."""
+    fig, panels = figure(rows)
+    for ax, (hq, hkv, d) in panels:
+        for S in sorted({r["prefix"] for r in rows}):
+            rs = [r for r in rows if (r["hq"], r["hkv"], r["d"], r["prefix"]) == (hq, hkv, d, S)]
+            ax.plot([r["chunk"] for r in rs], [r["oscar_kernel_ms"] / r["oscar_flash_ms"] for r in rs],
+                    marker="o", label=f"prefix {S}")
+        ax.axhline(1, color="grey", lw=0.8)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("new tokens in the step")
+        ax.set_ylabel("extend kernel ms / flash path ms")
+        ax.set_title(f"{hq}/{hkv} heads d={d}: above 1 the flash path is faster", fontsize=10)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def result_path(out: str, name: str = "extend") -> str:
+    """out/<name>_<gpu>.json (h200, h100, ...)."""
     m = re.search(r"\b([A-Z]\d{2,3})\b", torch.cuda.get_device_properties(0).name)
-    return os.path.join(out, f"extend_{m.group(1).lower() if m else 'gpu'}.json")
+    return os.path.join(out, f"{name}_{m.group(1).lower() if m else 'gpu'}.json")
 
 
 def write(rows, path):
     import importlib.util
     props = torch.cuda.get_device_properties(0)
     from sglang_oscar import flash
-    result = dict(rows=rows, flash_rule=dict(min_tokens=flash.MIN_TOKENS, min_prefix=flash.MIN_PREFIX,
-                  all_tokens=flash.ALL_TOKENS), hardware=dict(gpu=props.name, torch=torch.__version__, cuda=torch.version.cuda),
+    rule = {d: [list(b) for b in t] for d, t in flash.MIN_TOKENS.items()}
+    result = dict(rows=rows, flash_rule=dict(min_tokens=rule), hardware=dict(gpu=props.name, torch=torch.__version__, cuda=torch.version.cuda),
                   flashinfer_installed=importlib.util.find_spec("flashinfer") is not None,
                   notes="one layer, one request, oscar-2; oscar_ms / oscar_chunk_ms = forward_extend through the "
                         "backend (raw scratch + page store + residual tail + attention by the path it takes, *_path: "
-                        "flash where flash_rule says so: min_tokens new tokens and min_prefix cached ones, or all_tokens new), page and chunk prefill, mean of 10 "
+                        "flash where flash_rule says so: min_tokens[head_dim] lists (cached prefix tokens at least, new tokens needed)), page and chunk prefill, mean of 10 "
                         "calls after a planning call; *_kernel_ms / *_flash_ms = the step's attention alone "
                         "through the extend kernel (*_kernel_splits: its key splits per query block) / the flash path "
                         "(dequantize, FlashAttention varlen, merge); "
@@ -168,13 +197,16 @@ def write(rows, path):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    ap.add_argument("--sweep", action="store_true", help="the flash-threshold grid instead of the cases")
+    ap.add_argument("--shape", action="append", help="HQ/HKV/D, repeatable (default: all of SHAPES)")
     a = ap.parse_args()
     os.makedirs(a.out, exist_ok=True)
     ops.load()
     rows = []
-    path = result_path(a.out)
-    for hq, hkv, d in SHAPES:
-        for S, T in CASES:
+    path = result_path(a.out, "extend_sweep" if a.sweep else "extend")
+    shapes = [tuple(map(int, x.split("/"))) for x in a.shape] if a.shape else SHAPES
+    for hq, hkv, d in shapes:
+        for S, T in SWEEP if a.sweep else CASES:
             r = dict(hq=hq, hkv=hkv, d=d, bits=2, page_size=P, prefix=S, chunk=T)
             for mode, key in (("page", "oscar"), ("chunk", "oscar_chunk")):
                 ms, kern, fl, first, taken, splits = time_backend(hq, hkv, d, S, T, iters=10, prefill=mode)
@@ -196,7 +228,7 @@ def main():
                   f"{r['ratio_page']}x / {r['ratio_chunk']}x (SDPA {r['bf16_sdpa_tflops']} TFLOP/s; FA2 forced "
                   f"{r['bf16_fa2_ms']:.3f} ms)", flush=True)
             write(rows, path)   # after every row: a run cut short keeps what it measured
-        plot(rows, path.replace(".json", ".png"))
+        (plot_sweep if a.sweep else plot)(rows, path.replace(".json", ".png"))
 
 
 if __name__ == "__main__":

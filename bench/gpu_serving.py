@@ -116,8 +116,9 @@ def make_checkpoint(path, shape: dict, tok_dir, device, seed=0):
         json.dump({"metadata": {}, "weight_map": index}, fh)
     with open(os.path.join(path, "config.json"), "w") as fh:
         json.dump(cfg, fh, indent=1)
-    for name in os.listdir(tok_dir):
-        shutil.copy(os.path.join(tok_dir, name), path)
+    for name in os.listdir(tok_dir):   # the tokenizer's files only: its config.json is another model's
+        if name != "config.json" and not name.endswith((".safetensors", ".safetensors.index.json")):
+            shutil.copy(os.path.join(tok_dir, name), path)
     return path
 
 

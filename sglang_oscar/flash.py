@@ -40,13 +40,16 @@ from .layout import FIELDS
 from .quant import load_pages
 
 BLOCK = 128                   # query tile of the page-prefill block part (FlashAttention's M tile)
-# Which steps take this path (bench/extend.py times both): the extend kernel dequantizes the prefix once
-# per query block, this path once per step, so it wins over a long cached prefix from a few hundred tokens
-# on (below that the kernel splits the prefix's keys across the GPU); with a short prefix the kernel's
-# one fused launch wins up to a few thousand tokens.
-MIN_TOKENS = 256              # new tokens of the step, at least (below, the split extend kernel is faster)
-MIN_PREFIX = 8192             # and cached prefix tokens at least, or
-ALL_TOKENS = 4096             # new tokens enough on their own
+# Which steps take this path: the extend kernel dequantizes the prefix once per query block, this path once
+# per step but with a fixed cost (the scratch, the dequant and merge launches: 0.2-0.5 ms a layer), so it
+# wins from fewer new tokens the longer the cached prefix. MIN_TOKENS[head_dim] lists (cached prefix tokens
+# at least, new tokens needed there), the step's totals; a prefix between two bounds takes the lower one's.
+# The crossovers of `bench/extend.py --sweep` on an H100 (extend_sweep_h100.json, prefixes 0 / 2k / 8k / 24k,
+# 32/8 heads at d=128 and 9/3 at d=64; a head_dim not listed takes d=128's), taken where this path won in
+# both runs (extend_sweep_h100_first.json, d=128 only): the kernel's times repeat to 1-2 %, this path's fixed
+# cost at small steps (host launches) was 0.2 ms on one machine and 0.3-0.47 ms on the other.
+MIN_TOKENS = {128: ((0, 4096), (2048, 768), (8192, 384), (24576, 256)),
+              64: ((0, 4096), (8192, 2048), (24576, 768))}
 SCRATCH_BYTES = 512 << 20     # at most this much dequantized K+V per step, else the extend kernel
 
 
@@ -134,11 +137,16 @@ def plan_flash(plan, cfg: OscarConfig) -> FlashPlan:
     return FlashPlan(page_ids, N, parts)
 
 
+def min_tokens(prefix: int, D: int) -> int:
+    """New tokens a step over `prefix` cached tokens needs to take this path (MIN_TOKENS)."""
+    return [n for bound, n in MIN_TOKENS.get(D, MIN_TOKENS[128]) if prefix >= bound][-1]
+
+
 def fits(plan, H: int, D: int) -> bool:
     """The step is large enough to gain and its dequantized scratch is within SCRATCH_BYTES."""
     n = sum(s // plan.P for s in (a + e for a, e in zip(plan.prefix_cpu, plan.ext_cpu))) * plan.P
     T, pre = sum(plan.ext_cpu), sum(plan.prefix_cpu)
-    return (T >= MIN_TOKENS and (pre >= MIN_PREFIX or T >= ALL_TOKENS)
+    return (T >= min_tokens(pre, D)
             and 2 * n * H * D * SCRATCH_DTYPE.itemsize <= SCRATCH_BYTES)
 
 

@@ -244,8 +244,7 @@ def test_backend_extend_matches_per_request(P, Hq, H, D, bits, dtype, prefill, f
     from sglang_oscar import flash
     from test_backend_gpu import run_case
     # every extend step through one path
-    for name in ("MIN_TOKENS", "MIN_PREFIX", "ALL_TOKENS"):
-        monkeypatch.setattr(flash, name, 0 if flash_path else 1 << 30)
+    monkeypatch.setattr(flash, "MIN_TOKENS", {d: ((0, 0 if flash_path else 1 << 30),) for d in (64, 128)})
     # chunks of several query blocks and pages, one mid-page start, one request without a packed page
     worst_ext, worst, _ = run_case("cuda", P, Hq, H, D, bits, dtype, [700, 3 * P + 5, 9, 2 * P], prefill=prefill)
     assert worst_ext < 2.5e-2, worst_ext

@@ -100,12 +100,16 @@ def test_flash_serves_only_large_steps(monkeypatch):
         use = _flash_serves(plan, cfg, 2, 32)
         assert use == (plan.flash is not None)
         return use
-    assert not serves(flash.MIN_PREFIX, flash.MIN_TOKENS - 1)
-    assert serves(flash.MIN_PREFIX, flash.MIN_TOKENS)
-    assert not serves(flash.MIN_PREFIX - 1, flash.ALL_TOKENS - 1)
-    assert serves(0, flash.ALL_TOKENS)
+    # D=32 has no table of its own: d=128's; each bound's threshold, and below a bound the lower one's
+    table = flash.MIN_TOKENS[128]
+    for i, (bound, n) in enumerate(table):
+        assert not serves(bound, n - 1) and serves(bound, n)
+        if i:
+            assert not serves(bound - 1, n) and serves(bound - 1, table[i - 1][1])
+    assert flash.min_tokens(24576, 64) == 768 and flash.min_tokens(24575, 64) == 2048
+    assert flash.min_tokens(0, 64) == 4096 and flash.min_tokens(1 << 20, 128) == 256
     monkeypatch.setattr(flash, "SCRATCH_BYTES", 1024)   # a scratch over the bound keeps the extend kernel
-    assert not serves(flash.MIN_PREFIX, flash.MIN_TOKENS)
+    assert not serves(table[-1][0], table[-1][1])
 
 
 # ---- CUDA ---------------------------------------------------------------------------------------------------------
