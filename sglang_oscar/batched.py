@@ -56,27 +56,42 @@ class Plan:
     blocks: list = field(default_factory=list)
 
 
-def _unpack(words: torch.Tensor, bits: int) -> torch.Tensor:
-    """layout.unpack_codes through bytes: the same codes with 1-byte intermediates (4x less memory
-    traffic than shifting int32 words; this runs on every needed page of every layer and step)."""
-    per = 8 // bits
-    b = words.contiguous().view(torch.uint8)                         # little-endian: code i in byte i // per
-    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=words.device)
-    return ((b.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)).flatten(-2)
+_CODES = {}   # (bits, device) -> [256, 8 / bits] fp32: the codes of every byte value
 
 
-def _load_pages(pages: dict, bits: int):
-    """quant.load_pages (same arithmetic, so the same floats), V left in its stored [N, H, P, D] order."""
-    kc = _unpack(pages["k_codes"], bits)                              # [N, H, G, D * bits * 32 / 8 ...]
+def _unpack(b: torch.Tensor, bits: int) -> torch.Tensor:
+    """Bytes [..., m] of layout.pack_codes words (little-endian: code i in byte i // per) -> fp32 codes
+    [..., m * 8 / bits], by a 256-entry table (one gather; shifting and masking bytes took twice as long)."""
+    key = (bits, b.device)
+    if key not in _CODES:
+        shifts = torch.arange(0, 8, bits, device=b.device)
+        _CODES[key] = ((torch.arange(256, device=b.device)[:, None] >> shifts) & ((1 << bits) - 1)).float()
+    return _CODES[key].index_select(0, b.flatten().int()).view(*b.shape[:-1], -1)
+
+
+def _dequant(pages: dict, bits: int, rows: int, token_major_keys: bool = False):
+    """quant.load_pages (the same float ops per element, so the same floats) of N = rows x n pages, laid
+    out for the attention matmuls: K [H, rows, D, n*P] and V [H, rows, n*P, D] fp32, the token norms
+    [rows, n*P]. The packed bytes are permuted (a sixteenth of the floats' bytes) so that the unpacked
+    keys and values need no permuting copy before or inside the matmuls. token_major_keys: K as
+    [N*P, H, D] instead, for the keys one request's query rows share (the product over them then rounds
+    as it always has; a single request gains nothing from the other layout)."""
     N, H, G, D, _ = pages["k_codes"].shape
-    kc = kc.view(N, H, G, D, K_GROUP)
-    k = kc.float() * pages["k_scale"].float().unsqueeze(-1) + pages["k_zero"].float().unsqueeze(-1)
-    k = k.permute(0, 2, 4, 1, 3).reshape(N, G * K_GROUP, H, D)
-    vc = _unpack(pages["v_codes"], bits)                              # [N, H, P, D]
-    P = vc.shape[2]
-    vc = vc.view(N, H, P, D // V_GROUP, V_GROUP)
-    v = vc.float() * pages["v_scale"].float().unsqueeze(-1) + pages["v_zero"].float().unsqueeze(-1)
-    return k, pages["k_norm"].float(), v.view(N, H, P, D)
+    n, P = N // rows, G * K_GROUP
+
+    def scales(name, *order):   # fp16 scale/zero -> fp32 in the codes' order, broadcast over a group
+        x = pages[name].view(rows, n, *pages[name].shape[1:]).permute(*order) if order else pages[name]
+        return x.contiguous().float().unsqueeze(-1)
+    kb = pages["k_codes"].view(torch.uint8)                            # [N, H, G, D, bytes]
+    order = () if token_major_keys else (2, 0, 4, 1, 3)                # -> [H, rows, D, n, G]
+    if order:
+        kb = kb.view(rows, n, H, G, D, -1).permute(*order, 5).contiguous()
+    k = _unpack(kb, bits).mul_(scales("k_scale", *order)).add_(scales("k_zero", *order))
+    k = k.permute(0, 2, 4, 1, 3).reshape(N * P, H, D) if token_major_keys else k.view(H, rows, D, n * P)
+    vb = pages["v_codes"].view(torch.uint8).view(rows, n, H, P, -1).permute(2, 0, 1, 3, 4)
+    vc = _unpack(vb.contiguous(), bits).view(H, rows, n, P, D // V_GROUP, V_GROUP)
+    v = vc.mul_(scales("v_scale", 2, 0, 1, 3, 4)).add_(scales("v_zero", 2, 0, 1, 3, 4))
+    return k, pages["k_norm"].float().view(rows, n * P), v.view(H, rows, n * P, D)
 
 
 def _ceil_div(a, b):
@@ -274,25 +289,30 @@ def forward(p: Plan, q, k, v, pages, res_k, res_v, cfg: OscarConfig, sm_scale: f
         n_sub = p.q_idx[b.sub].shape[0]
         kpos = (b.c0 * P + torch.arange(b.n * P, device=q.device))
         if b.packed:
-            kq, norm, vq = _load_pages({f: pages[f][b.table] for f in FIELDS}, cfg.bits)
-            kscale = norm * sm_scale                                       # [n, P]
+            fields = {f: pages[f][b.table] for f in FIELDS}
+            if b.groups is not None or b.inverse is not None:       # pages shared: dequantized once
+                kq, norm, vq = _dequant(fields, cfg.bits, 1, token_major_keys=b.groups is not None)
+                norm, vq = norm.view(-1, P), vq.view(H, -1, P, D)
             if b.groups is not None:
                 for sub, idx, nu in b.groups:
-                    kg, vg, kg_scale = (kq, vq, kscale) if idx is None else (kq[idx], vq[idx], kscale[idx])
-                    s = torch.einsum("hregd,khd->hregk", qr[:, sub], kg.reshape(nu * P, H, D))
-                    s.mul_(kg_scale.view(1, 1, 1, 1, nu * P))
-                    vg = vg.permute(1, 0, 2, 3).reshape(H, nu * P, D)
+                    kg, vg, ng = (kq, vq, norm) if idx is None else (
+                        kq.view(-1, P, H, D)[idx].view(-1, H, D), vq[:, idx], norm[idx])
+                    s = torch.einsum("hregd,khd->hregk", qr[:, sub], kg)
+                    s.mul_((ng * sm_scale).view(1, 1, 1, 1, nu * P))
+                    vg = vg.reshape(H, nu * P, D)
                     update(sub, s, kpos[None, None, :nu * P] < p.q_qb[sub][:, :, None],
-                           lambda prob, vg=vg: torch.einsum("hregk,hkd->hregd", prob, vg))
+                           lambda prob, vg=vg: torch.matmul(prob.view(H, -1, nu * P), vg).view(*prob.shape[:-1], D))
                 continue
             if b.inverse is not None:
-                kq, vq, kscale = kq[b.inverse], vq[b.inverse], kscale[b.inverse]
-            kq = kq.reshape(n_sub, b.n * P, H, D)
-            vals = vq.reshape(n_sub, b.n, H, P, D)
-            s = torch.einsum("hregd,rkhd->hregk", qr[:, b.sub], kq)
-            s.mul_(kscale.view(1, n_sub, 1, 1, b.n * P))
+                kq = kq.view(H, D, -1, P)[:, :, b.inverse].permute(0, 2, 1, 3, 4).reshape(H, n_sub, D, b.n * P)
+                vq, norm = vq[:, b.inverse].reshape(H, n_sub, b.n * P, D), norm[b.inverse].view(n_sub, -1)
+            else:
+                kq, norm, vq = _dequant(fields, cfg.bits, n_sub)
+            qs = qr[:, b.sub].reshape(H, n_sub, E * g, D)
+            s = torch.matmul(qs, kq).view(H, n_sub, E, g, b.n * P)
+            s.mul_((norm * sm_scale).view(1, n_sub, 1, 1, b.n * P))
             update(b.sub, s, kpos[None, None, :] < p.q_qb[b.sub][:, :, None],
-                   lambda prob: torch.einsum("hregnp,rnhpd->hregd", prob.view(*prob.shape[:-1], b.n, P), vals))
+                   lambda prob: torch.matmul(prob.view(H, n_sub, E * g, -1), vq).view(H, n_sub, E, g, D))
         else:
             kr = raw_k[b.table].view(n_sub, b.n * P, H, D).float()
             vals = raw_v[b.table].view(n_sub, b.n * P, H, D).float()

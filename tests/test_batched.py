@@ -232,5 +232,12 @@ def test_fast_dequantization_equals_load_pages(bits):
     v = torch.randn(3, 64, 2, 64).to(torch.bfloat16)
     pages = quant.store_pages(k, v, cfg)
     ks, ns, vs = quant.load_pages(pages, bits)
-    kf, nf, vf = batched._load_pages(pages, bits)
-    assert torch.equal(kf, ks) and torch.equal(nf, ns) and torch.equal(vf.transpose(1, 2), vs)
+    for rows in (1, 3):     # 3 pages as one request's keys, or as three rows of one page each
+        kf, nf, vf = batched._dequant(pages, bits, rows)        # [H, rows, D, n*P], [rows, n*P], [H, rows, n*P, D]
+        n = 3 // rows
+        assert torch.equal(kf.permute(1, 3, 0, 2).reshape(3, 64, 2, 64), ks)
+        assert torch.equal(nf.reshape(3, 64), ns)
+        assert torch.equal(vf.permute(1, 2, 0, 3).reshape(3, 64, 2, 64), vs)
+        assert kf.shape == (2, rows, 64, n * 64) and vf.shape == (2, rows, n * 64, 64)
+    kt, _, _ = batched._dequant(pages, bits, 1, token_major_keys=True)   # [N*P, H, D]
+    assert torch.equal(kt.view(3, 64, 2, 64), ks) and kt.is_contiguous()
