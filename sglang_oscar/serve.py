@@ -27,13 +27,17 @@ def _die_with_parent():
         pass
 
 
+BIND_ERROR = "address already in use"   # uvicorn's message when the HTTP port is taken
+
+
 class Server:
     """A launch_server subprocess on 127.0.0.1; `with Server([...]) as s: requests.get(s.url + ...)`.
 
-    A start that is not healthy within `timeout` seconds is tried again on a fresh port, up to `attempts`
-    starts in all: a CPU start takes about 30 s, yet one hung past 600 s once on a CI machine (cause not
-    found), and a test run should not lose every server test to that. A retry warns with the hung start's
-    log tail, so the hang stays visible; a server that exits during start-up is never retried.
+    A start that is not healthy within `timeout` seconds, or whose HTTP port was taken before it could
+    bind (a port free_port saw free can be taken by another server's internal ports meanwhile; SGLang
+    then logs "address already in use" and hangs instead of exiting), is tried again on a fresh port, up
+    to `attempts` starts in all. A retry warns with that start's log tail, so it stays visible; a server
+    that exits during start-up is never retried.
     """
 
     def __init__(self, args, env=None, log_path=None, timeout=300, attempts=2):
@@ -63,10 +67,11 @@ class Server:
                 return self
             tail = self.log_tail()
             if attempt == self.attempts:
-                raise TimeoutError(f"server not healthy after {self.timeout}s ({self.attempts} starts); "
+                raise TimeoutError(f"server not up after {self.attempts} starts (each at most {self.timeout}s); "
                                    f"last log lines:\n{tail}")
-            warnings.warn(f"server start {attempt} not healthy after {self.timeout}s, starting again on a "
-                          f"fresh port; its last log lines:\n{tail}", stacklevel=2)
+            why = "lost its port" if BIND_ERROR in tail else f"not healthy after {self.timeout}s"
+            warnings.warn(f"server start {attempt} {why}, starting again on a fresh port; its last log "
+                          f"lines:\n{tail}", stacklevel=2)
             self._place()
         return self
 
@@ -84,7 +89,8 @@ class Server:
                 if requests.get(self.url + "/health", timeout=5).status_code == 200:
                     return True
             except requests.RequestException:
-                pass
+                if BIND_ERROR in self.log_tail():
+                    break
             time.sleep(1)
         self.stop()
         return False

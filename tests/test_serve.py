@@ -1,5 +1,9 @@
-"""The Server harness: a start that hangs is retried on a fresh port, visibly; a start that exits is not."""
+"""The Server harness: a start that hangs or loses its port is retried on a fresh port, visibly; a start
+that exits is not."""
 from __future__ import annotations
+
+import sys
+import time
 
 import pytest
 
@@ -44,3 +48,23 @@ def test_start_that_exits_is_not_retried(monkeypatch, tmp_path):
     with pytest.raises(RuntimeError, match="exited"):
         s.start()
     assert len(ports) == 1
+
+
+def test_start_that_lost_its_port_is_retried_at_once(monkeypatch, tmp_path):
+    # what SGLang's HTTP server logs, then hangs, when its port was taken after free_port saw it free
+    fake = [sys.executable, "-c", "import time; print('ERROR:    [Errno 98] error while attempting to bind on "
+            "address (127.0.0.1, 1): address already in use', flush=True); time.sleep(120)"]
+    places = []
+
+    def place(self):
+        places.append(1)
+        self.port = serve.free_port()
+        self.url, self.args = f"http://127.0.0.1:{self.port}", fake
+    monkeypatch.setattr(serve.Server, "_place", place)
+    s = serve.Server([], log_path=tmp_path / "server.log", timeout=100, attempts=2)
+    t = time.time()
+    with pytest.warns(UserWarning, match="lost its port"), \
+            pytest.raises(TimeoutError, match="(?s)2 starts.*address already in use"):
+        s.start()
+    assert time.time() - t < 60 and len(places) == 2      # not the 100 s timeout, twice
+    assert s.proc.poll() is not None                      # the hung process was stopped
