@@ -56,22 +56,21 @@ class Plan:
     blocks: list = field(default_factory=list)
 
 
-_CODES = {}   # (bits, device) -> int32 [256]: the 8 / bits codes of every byte value, as bytes of one word
+# (bits, device) -> each byte value's codes: int32 [256] at 2 bits (a word's bytes), else uint8 [256, 8 / bits]
+_CODES = {}
 
 
 def _unpack(b: torch.Tensor, bits: int) -> torch.Tensor:
     """Bytes [..., m] of layout.pack_codes words (little-endian: code i in byte i // per) -> fp32 codes
-    [..., m * 8 / bits]: a 256-entry table gives each byte's codes as the bytes of one int32 (a
-    quarter of the gather's writes of a float table; twice as fast as shifting and masking bytes)."""
+    [..., m * 8 / bits]: a 256-entry table gives each byte's codes (at 2 bits as the bytes of one int32:
+    a quarter of the gather's writes of a float table; twice as fast as shifting and masking bytes)."""
     key = (bits, b.device)
     if key not in _CODES:
         shifts = torch.arange(0, 8, bits, device=b.device)
-        codes = (torch.arange(256, device=b.device)[:, None] >> shifts) & ((1 << bits) - 1)
-        _CODES[key] = codes.to(torch.uint8).view(torch.int32).flatten() if bits == 2 else codes.to(torch.uint8)
-    t = _CODES[key]
-    if t.dim() == 1:   # 2 bits: 4 codes a byte, one int32 each
-        return t.index_select(0, b.flatten().int()).view(torch.uint8).float().view(*b.shape[:-1], -1)
-    return t.index_select(0, b.flatten().int()).float().view(*b.shape[:-1], -1)
+        codes = ((torch.arange(256, device=b.device)[:, None] >> shifts) & ((1 << bits) - 1)).to(torch.uint8)
+        _CODES[key] = codes.view(torch.int32).flatten() if bits == 2 else codes
+    out = _CODES[key].index_select(0, b.flatten().int())
+    return (out.view(torch.uint8) if bits == 2 else out).float().view(*b.shape[:-1], -1)
 
 
 def _dequant(pages: dict, bits: int, rows: int, token_major_keys: bool = False):
@@ -295,10 +294,9 @@ def forward(p: Plan, q, k, v, pages, res_k, res_v, cfg: OscarConfig, sm_scale: f
         kpos = (b.c0 * P + torch.arange(b.n * P, device=q.device))
         if b.packed:
             fields = {f: pages[f][b.table] for f in FIELDS}
-            if b.groups is not None or b.inverse is not None:       # pages shared: dequantized once
-                kq, norm, vq = _dequant(fields, cfg.bits, 1, token_major_keys=b.groups is not None)
+            if b.groups is not None:         # keys shared by a request's rows (and pages by requests): once
+                kq, norm, vq = _dequant(fields, cfg.bits, 1, token_major_keys=True)
                 norm, vq = norm.view(-1, P), vq.view(H, -1, P, D)
-            if b.groups is not None:
                 for sub, idx, nu in b.groups:
                     kg, vg, ng = (kq, vq, norm) if idx is None else (
                         kq.view(-1, P, H, D)[idx].view(-1, H, D), vq[:, idx], norm[idx])
@@ -308,9 +306,11 @@ def forward(p: Plan, q, k, v, pages, res_k, res_v, cfg: OscarConfig, sm_scale: f
                     update(sub, s, kpos[None, None, :nu * P] < p.q_qb[sub][:, :, None],
                            lambda prob, vg=vg: torch.matmul(prob.view(H, -1, nu * P), vg).view(*prob.shape[:-1], D))
                 continue
-            if b.inverse is not None:
+            if b.inverse is not None:        # pages shared by rows: dequantized once, gathered per row
+                kq, norm, vq = _dequant(fields, cfg.bits, 1)
                 kq = kq.view(H, D, -1, P)[:, :, b.inverse].permute(0, 2, 1, 3, 4).reshape(H, n_sub, D, b.n * P)
-                vq, norm = vq[:, b.inverse].reshape(H, n_sub, b.n * P, D), norm[b.inverse].view(n_sub, -1)
+                vq = vq.view(H, -1, P, D)[:, b.inverse].reshape(H, n_sub, b.n * P, D)
+                norm = norm.view(-1, P)[b.inverse].view(n_sub, -1)
             else:
                 kq, norm, vq = _dequant(fields, cfg.bits, n_sub)
             qs = qr[:, b.sub].reshape(H, n_sub, E * g, D)

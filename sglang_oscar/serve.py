@@ -73,7 +73,6 @@ class Server:
             warnings.warn(f"server start {attempt} {why}, starting again on a fresh port; its last log "
                           f"lines:\n{tail}", stacklevel=2)
             self._place()
-        return self
 
     def _start_once(self) -> bool:
         log = open(self.log_path, "w") if self.log_path else subprocess.DEVNULL
