@@ -47,7 +47,7 @@ BLOCK = 128                   # query tile of the page-prefill block part (Flash
 # The crossovers of `bench/extend.py --sweep` on an H100 (extend_sweep_h100.json, prefixes 0 / 2k / 8k / 24k,
 # 32/8 heads at d=128 and 9/3 at d=64; a head_dim not listed takes d=128's), taken where this path won in
 # both runs (extend_sweep_h100_first.json, d=128 only): the kernel's times repeat to 1-2 %, this path's fixed
-# cost at small steps (host launches) was 0.2 ms on one machine and 0.3-0.47 ms on the other.
+# cost at small steps (host launches) was 0.2 ms on one machine and 0.3-0.49 ms on the other.
 MIN_TOKENS = {128: ((0, 4096), (2048, 768), (8192, 384), (24576, 256)),
               64: ((0, 4096), (8192, 2048), (24576, 768))}
 SCRATCH_BYTES = 512 << 20     # at most this much dequantized K+V per step, else the extend kernel
