@@ -231,11 +231,29 @@ def key_splits(count: int, H: int, rows: int, sms: int, longest: int) -> int:
     return min(range(1, top + 1), key=lambda s: (-(-ctas * s // wave) * (-(-tiles // s) + SPLIT_COST), s))
 
 
+def grid(ext_cpu, prefix_cpu, g: int, H: int, sms: int, max_rows: int, splits: int | None = None):
+    """(rows per CTA, query tokens per block, block count, key splits) of a step: 128 rows per CTA halve
+    the dequantization per query, 64 fill the GPU when the batch is small (and are all a GPU with 99 KB
+    of shared memory per CTA can run at head_dim 128); key splits fill it when even 64-row blocks are
+    too few (a chat turn's short chunk over a long cached prefix)."""
+    for rows in [r for r in ROWS if r <= max_rows]:
+        tb = rows // g
+        count = sum(-(-e // tb) for e in ext_cpu)
+        if tb and count * H >= WAVE_CTAS * sms:
+            break
+    longest = max(a + e for a, e in zip(prefix_cpu, ext_cpu))
+    return rows, tb, count, splits or key_splits(count, H, rows, sms, longest)
+
+
+def partials_bytes(T: int, Hq: int, D: int, splits: int) -> int:
+    """Device bytes of a step's split partials (fp32 out and lse per split), 0 without splits. Splits
+    happen only when the step's blocks fill less than a wave, so this stays below
+    MAX_SPLITS * sms * 2 * 64 * (D + 1) * 4 bytes (277 MB at D=128 on 132 SMs) whatever the chunk."""
+    return splits * T * Hq * (D + 1) * 4 if splits > 1 else 0
+
+
 def _blocks(plan: ExtendPlan, g: int, H: int, D: int, bits: int) -> Blocks:
-    """Query blocks of the plan for g query heads per KV head: (rows, tokens per block, blk_start, count,
-    splits). 128 rows per CTA halve the dequantization per query, 64 fill the GPU when the batch is small
-    (and are all a GPU with 99 KB of shared memory per CTA can run at head_dim 128); key splits fill it
-    when even 64-row blocks are too few (a chat turn's short chunk over a long cached prefix)."""
+    """The plan's query blocks for g query heads per KV head (grid() on this device), built once."""
     if g not in plan.blocks:
         dev = plan.ext.device
         if dev not in _SMS:
@@ -243,15 +261,10 @@ def _blocks(plan: ExtendPlan, g: int, H: int, D: int, bits: int) -> Blocks:
         if (dev, D, bits) not in _MAX_ROWS:
             with torch.cuda.device(dev):
                 _MAX_ROWS[dev, D, bits] = ops.load().extend_max_rows(D, bits)
-        for rows in [r for r in ROWS if r <= _MAX_ROWS[dev, D, bits]]:
-            tb = rows // g
-            count = sum(-(-e // tb) for e in plan.ext_cpu)
-            if tb and count * H >= WAVE_CTAS * _SMS[dev]:
-                break
+        rows, tb, count, splits = grid(plan.ext_cpu, plan.prefix_cpu, g, H, _SMS[dev], _MAX_ROWS[dev, D, bits],
+                                       plan.splits)
         nb = (plan.ext + tb - 1) // tb
         start = torch.cat([nb.new_zeros(1), torch.cumsum(nb, 0)]).to(torch.int32)
-        longest = max(a + e for a, e in zip(plan.prefix_cpu, plan.ext_cpu))
-        splits = plan.splits or key_splits(count, H, rows, _SMS[dev], longest)
         plan.blocks[g] = Blocks(rows, tb, start, count, splits)
     return plan.blocks[g]
 
