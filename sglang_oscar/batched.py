@@ -2,7 +2,7 @@
 
 The semantics are reference.attend's, request by request (the spec this is tested against); the work is
 batched: per layer and step one store of every page the batch completes, one dequantization of each
-page any query needs (pages shared by requests or by query rows are dequantized once), and attention
+page any query needs (pages shared by requests or by queries are dequantized once), and attention
 vectorized over the batch. Host-side planning (`plan`) runs once per batch; every layer reuses it.
 
 Queries are cut into "query rows" of at most QUERY_ROW tokens of one request (a decode token is a row of
@@ -11,6 +11,13 @@ in blocks of whole pages with an online softmax: first the packed pages (through
 the step's raw pages (the residual and the new tokens, laid out as pages). Each block only involves
 the query rows that can see some key in it (causal skipping), and its size is chosen so the scratch
 (logits, dequantized keys and values) stays within SCRATCH_ELEMS elements whatever the context length.
+
+Prefill on the CPU (a batch where some request adds more than one token; FUSED_PREFILL) goes another
+way, with no masked tile computed: a request's queries are cut into groups of one quantized boundary qb
+(page prefill: the tokens of one page; chunk prefill: the whole chunk). A group sees the packed keys
+[0, qb) and the raw keys [qb, p]: two calls of torch's fused CPU attention (flash, fp32), one without a
+mask over a prefix of its request's dequantized keys, one causal over the group's raw pages, merged by
+their log-sum-exps. The packed keys go in blocks of pages (the same scratch bound), merged the same way.
 """
 from __future__ import annotations
 
@@ -19,11 +26,14 @@ from dataclasses import dataclass, field
 import torch
 
 from .config import K_GROUP, V_GROUP, OscarConfig
+from .hadamard import hadamard_matrix
 from .layout import FIELDS
 from .quant import rotate_queries
 
 QUERY_ROW = 64            # query tokens of one request per row
 SCRATCH_ELEMS = 1 << 22   # fp32 elements of one block's logits or of its dequantized K (about 16 MB)
+FUSED_PREFILL = True      # prefill of CPU tensors through torch's fused attention (else: query rows)
+_flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu   # -> (out, natural-log lse)
 
 
 @dataclass
@@ -40,6 +50,25 @@ class KeyBlock:
 
 
 @dataclass
+class PackedBlock:
+    """Prefill: packed pages [c0, c0 + n) of the requests that read any, dequantized once."""
+    c0: int
+    n: int
+    table: torch.Tensor         # [n_uniq] pool page ids
+    reqs: list                  # [(at, n_u, calls)] per request: its n_u pages are the dequantized pages
+                                # at .. at + n_u (an int) or at an index ([n_u]); calls: [(t0, t1, L)],
+                                # queries t0..t1 (one qb group) see the first L keys of its pages here
+
+
+@dataclass
+class Prefill:
+    blocks: list                # [PackedBlock]
+    raw: list                   # [(pages [G, n], slot [T_n], tok [T_n] or None: all)] per raw span of n pages:
+                                # groups reading n raw pages, each query's slot in [G * n * P] (its key
+                                # offset in its group's pages; None: slot = query) and which queries these are
+
+
+@dataclass
 class Plan:
     P: int
     T: int
@@ -49,11 +78,13 @@ class Plan:
     res: tuple | None           # (rows, raw pages): residual rows copied to each request's first raw page
     store: tuple | None         # (raw pages, pool page ids): pages this step completes
     tail: tuple | None          # (raw pages, rows): new partial pages, back into the residual
-    q_idx: torch.Tensor         # [R, E] flat query index of each row slot (T = padding)
-    q_pos: torch.Tensor         # [R, E] absolute position (-1 = padding)
-    q_qb: torch.Tensor          # [R, E] quantized boundary
-    out_idx: torch.Tensor       # [T] row slot of each query
+    # query rows (prefill is None)
+    q_idx: torch.Tensor | None = None   # [R, E] flat query index of each row slot (T = padding)
+    q_pos: torch.Tensor | None = None   # [R, E] absolute position (-1 = padding)
+    q_qb: torch.Tensor | None = None    # [R, E] quantized boundary
+    out_idx: torch.Tensor | None = None  # [T] row slot of each query
     blocks: list = field(default_factory=list)
+    prefill: Prefill | None = None
 
 
 # (bits, device) -> each byte value's codes: int32 [256] at 2 bits (a word's bytes), else uint8 [256, 8 / bits]
@@ -96,6 +127,34 @@ def _dequant(pages: dict, bits: int, rows: int, token_major_keys: bool = False):
     vc = _unpack(vb.contiguous(), bits).view(H, rows, n, P, D // V_GROUP, V_GROUP)
     v = vc.mul_(scales("v_scale", 2, 0, 1, 3, 4)).add_(scales("v_zero", 2, 0, 1, 3, 4))
     return k, pages["k_norm"].float().view(rows, n * P), v.view(H, rows, n * P, D)
+
+
+def _dequant_kv(pages: dict, bits: int):
+    """quant.load_pages of N pages laid out for the fused attention: K * norm [H, N*P, D] and V [H, N*P, D]
+    fp32 (each head's keys token-major, channels contiguous). The norm is folded into the keys, which
+    rounds the logits once more than the spec's (q . k_hat) * norm (a relative 6e-8)."""
+    N, H, G, D, _ = pages["k_codes"].shape
+    P = G * K_GROUP
+    k = _unpack(pages["k_codes"].view(torch.uint8), bits)                 # [N, H, G, D, 32]
+    k = k.mul_(pages["k_scale"].float().unsqueeze(-1)).add_(pages["k_zero"].float().unsqueeze(-1))
+    kt = k.new_empty((H, N, G, K_GROUP, D))                                # the norm and the transpose: one pass
+    torch.mul(k.permute(1, 0, 2, 4, 3), pages["k_norm"].float().view(1, N, G, K_GROUP, 1), out=kt)
+    vb = pages["v_codes"].view(torch.uint8).permute(1, 0, 2, 3)           # [H, N, P, bytes]: head-major codes
+    vc = _unpack(vb.contiguous(), bits).view(H, N, P, D // V_GROUP, V_GROUP)
+    vh = (1, 0, 2, 3)
+    v = vc.mul_(pages["v_scale"].permute(*vh).float().unsqueeze(-1)).add_(
+        pages["v_zero"].permute(*vh).float().unsqueeze(-1))
+    return kt.view(H, N * P, D), v.view(H, N * P, D)
+
+
+_HADAMARD = {}
+
+
+def _hadamard(n: int, device) -> torch.Tensor:
+    """The fp32 Hadamard matrix (symmetric: x @ H rotates rows x as hadamard.hadamard does)."""
+    if (n, device) not in _HADAMARD:
+        _HADAMARD[(n, device)] = hadamard_matrix(n, torch.float64).to(device=device, dtype=torch.float32)
+    return _HADAMARD[(n, device)]
 
 
 def _ceil_div(a, b):
@@ -141,6 +200,11 @@ def plan(rows, prefix, ext, cfg: OscarConfig, req_to_token: torch.Tensor, Hq: in
         store = (off[st_req] + st_c, ids)
     has_tail = seq > full * P
     tail = (off[has_tail] + (full - first)[has_tail], rows_t[has_tail]) if bool(has_tail.any()) else None
+    Hq, H, D = Hq or 32, H or 8, D or 128
+    if FUSED_PREFILL and B and int(e.max()) > 1 and dev.type == "cpu":
+        pf = _plan_prefill(tok_req, pre[tok_req] + tok_j, base, off, rows_t, cfg, req_to_token, H * D)
+        return _to(Plan(P=P, T=T, rows=rows_t, n_raw=n_raw, new_dst=new_dst, res=res, store=store, tail=tail,
+                        prefill=pf), dev)
 
     # Query rows.
     E = max(1, min(int(e.max()) if B else 1, QUERY_ROW))
@@ -162,12 +226,10 @@ def plan(rows, prefix, ext, cfg: OscarConfig, req_to_token: torch.Tensor, Hq: in
              q_idx=q_idx, q_pos=q_pos, q_qb=qb, out_idx=out_idx)
     R = r_req.numel()
     if R == 0:
-        return p
-    Hq, H, D = Hq or 32, H or 8, D or 128
+        return _to(p, dev)
     # pages per block: logits [n_sub, E, Hq, n*P] and dequantized K [n_sub, n*P, H, D] within the bound.
     # (Smaller blocks would let a prompt's early rows skip more pages, but each block boundary is an
-    # online-softmax merge that rounds differently, and greedy answers on knife-edge prompts follow
-    # such roundings: for a 1k-token prompt the saving was under 10 %.)
+    # online-softmax merge that rounds differently; the fused CPU prefill skips them all.)
     per_page = R * P * max(E * Hq, H * D)
     kb = max(1, SCRATCH_ELEMS // per_page)
 
@@ -227,13 +289,89 @@ def plan(rows, prefix, ext, cfg: OscarConfig, req_to_token: torch.Tensor, Hq: in
         c = lo[sel][:, None] + c0 + torch.arange(n)[None, :]               # [n_sub, n] raw page of the request
         t = torch.where(c <= hi[sel][:, None], off[rq][:, None] + c, torch.full_like(c, n_raw))
         p.blocks.append(KeyBlock(False, c0, n, sub, t.to(dev), pos0=(base[rq] + lo[sel] * P).to(dev)))
+    return _to(p, dev)
+
+
+def _to(p: Plan, dev) -> Plan:
     for name in ("q_idx", "q_pos", "q_qb", "out_idx", "new_dst"):
-        setattr(p, name, getattr(p, name).to(dev))
+        if getattr(p, name) is not None:
+            setattr(p, name, getattr(p, name).to(dev))
     for name in ("res", "store", "tail"):
         v = getattr(p, name)
         if v is not None:
             setattr(p, name, tuple(x.to(dev) for x in v))
     return p
+
+
+def _plan_prefill(tok_req, pos, base, off, rows_t, cfg: OscarConfig, req_to_token, HD: int) -> Prefill:
+    """The prefill path's plan: queries of request tok_req [T] at positions pos [T] (in order)."""
+    P = cfg.page_size
+    dev = req_to_token.device
+    T = pos.numel()
+    qb = pos // P * P if cfg.prefill == "page" else base[tok_req]
+    # groups: runs of queries of one request and one qb (qb only grows along a request's queries)
+    starts = torch.ones(T, dtype=torch.bool)
+    starts[1:] = (tok_req[1:] != tok_req[:-1]) | (qb[1:] != qb[:-1])
+    g_start = torch.nonzero(starts)[:, 0]
+    g_end = torch.cat([g_start[1:], torch.tensor([T])])
+    gid = torch.cumsum(starts, 0) - 1                                    # [T] group of each query
+    g_req, g_qb = tok_req[g_start], qb[g_start]
+
+    # Raw: a group sees raw keys [qb, p], in its raw pages from the one holding qb; a query's slot is its
+    # key offset there, so causal attention over each group's pages is exactly the spec's window.
+    g_first = off[g_req] + (g_qb - base[g_req]) // P
+    g_n = (pos[g_end - 1] - g_qb) // P + 1
+    raw = []
+    for n in torch.unique(g_n).tolist():
+        sel = g_n == n
+        local = torch.cumsum(sel, 0) - 1
+        tok = None if bool(sel.all()) else torch.nonzero(sel[gid])[:, 0]
+        t = slice(None) if tok is None else tok
+        slot = local[gid[t]] * (n * P) + (pos - qb)[t]
+        if tok is None and slot.numel() == int(sel.sum()) * n * P and torch.equal(slot, torch.arange(T)):
+            slot = None                     # whole pages of queries: the queries are the slots, no scatter
+        pages = g_first[sel][:, None] + torch.arange(n)[None, :]
+        raw.append(tuple(None if x is None else x.to(dev) for x in (pages, slot, tok)))
+
+    # Packed: a group sees its request's pages below qb. Blocks of columns [c0, c0 + n) across requests,
+    # n chosen so the block's dequantized keys stay within the scratch bound.
+    need = g_qb // P                                                     # packed pages of each group
+    blocks = []
+    if not bool((need > 0).any()):
+        return Prefill(blocks, raw)
+    reqs = torch.unique(g_req[need > 0])                                 # requests with packed pages
+    calls = {int(u): [] for u in reqs}
+    for t0, t1, u, nd in zip(g_start.tolist(), g_end.tolist(), g_req.tolist(), need.tolist()):
+        if nd:
+            calls[u].append((t0, t1, nd * P))
+    r_need = {u: c[-1][2] // P for u, c in calls.items()}
+    n_packed = max(r_need.values())
+    cols = (torch.arange(n_packed) * P).to(dev)
+    req_table = (req_to_token[rows_t[reqs].to(dev)[:, None], cols[None, :]] // P).to(torch.int64).cpu()
+    row_of = {int(u): i for i, u in enumerate(reqs)}
+    c0 = 0
+    while c0 < n_packed:
+        act = [u for u in calls if r_need[u] > c0]
+        n = min(max(1, SCRATCH_ELEMS // (len(act) * P * HD)), n_packed - c0)
+        tabs, entries = [], []
+        for u in act:
+            nu = min(n, r_need[u] - c0)
+            tabs.append(req_table[row_of[u], c0:c0 + nu])
+            end = (c0 + nu) * P
+            entries.append([None, nu, [(t0, t1, min(kq, end) - c0 * P) for t0, t1, kq in calls[u] if kq > c0 * P]])
+        table = torch.cat(tabs)
+        uniq, inv = torch.unique(table, return_inverse=True)
+        if uniq.numel() == table.numel():   # nothing shared: each request's pages are a run, no gather
+            at = 0
+            for en in entries:
+                en[0], at = at, at + en[1]
+        else:                               # pages shared by requests: dequantized once, gathered per request
+            table = uniq
+            for en, idx in zip(entries, torch.split(inv, [en[1] for en in entries])):
+                en[0] = idx.to(dev)
+        blocks.append(PackedBlock(c0, n, table.to(dev), [tuple(en) for en in entries]))
+        c0 += n
+    return Prefill(blocks, raw)
 
 
 def forward(p: Plan, q, k, v, pages, res_k, res_v, cfg: OscarConfig, sm_scale: float, store_fn):
@@ -261,6 +399,8 @@ def forward(p: Plan, q, k, v, pages, res_k, res_v, cfg: OscarConfig, sm_scale: f
         res_v[p.tail[1]] = raw_v[p.tail[0]]
     if T == 0:
         return q.new_zeros((0, Hq, D), dtype=torch.float32)
+    if p.prefill is not None:
+        return _attend_prefill(p, q, raw_k, raw_v, pages, cfg, sm_scale)
 
     R, E = p.q_idx.shape
     # Head-major throughout ([H, rows, E, g, ...]): every einsum below is a plain batched matmul over
@@ -327,3 +467,59 @@ def forward(p: Plan, q, k, v, pages, res_k, res_v, cfg: OscarConfig, sm_scale: f
                    lambda prob: torch.einsum("hregk,rkhd->hregd", prob, vals))
     out = (acc / l.clamp_min(torch.finfo(torch.float32).tiny)[..., None]).permute(1, 2, 0, 3, 4)
     return out.reshape(R * E, Hq, D)[p.out_idx]
+
+
+def _attend_prefill(p: Plan, q, raw_k, raw_v, pages, cfg: OscarConfig, sm_scale: float):
+    """The prefill path (see the module doc): each qb group's raw part, then its packed parts, through
+    torch's fused CPU attention (fp32), merged into the output by their log-sum-exps as they come (each
+    merge on one group's queries, while they are in cache)."""
+    P, pf = p.P, p.prefill
+    T, Hq, D = q.shape
+    H = raw_k.shape[2]
+    g = Hq // H
+    qf = q.float()
+    out = lse = None
+    for pg, slot, tok in pf.raw:
+        G, n = pg.shape
+        S = n * P
+        kr = raw_k[pg].view(G, S, H, D).float().transpose(1, 2)          # [G, H, S, D]
+        vr = raw_v[pg].view(G, S, H, D).float().transpose(1, 2)
+        if slot is None:
+            qs = qf
+        else:                                                             # each query at its key offset
+            qs = qf.new_zeros((G * S, Hq, D))
+            qs[slot] = qf if tok is None else qf[tok]
+        o, l = _flash(qs.view(G, S, Hq, D).transpose(1, 2), kr, vr, is_causal=True, scale=sm_scale)
+        o, l = o.transpose(1, 2).reshape(G * S, Hq, D), l.transpose(1, 2).reshape(G * S, Hq)
+        if slot is not None:
+            o, l = o[slot], l[slot]
+        if tok is None:
+            out, lse = o, l
+        else:
+            if out is None:
+                out, lse = qf.new_empty((T, Hq, D)), qf.new_empty((T, Hq))
+            out[tok], lse[tok] = o, l
+    hm = _hadamard(D, q.device) if cfg.rotate else None
+    for b in pf.blocks:
+        kq, vq = _dequant_kv({f: pages[f][b.table] for f in FIELDS}, cfg.bits)
+        for at, nu, calls in b.reqs:
+            if isinstance(at, int):
+                ku, vu = kq[:, at * P:(at + nu) * P], vq[:, at * P:(at + nu) * P]
+            else:
+                ku, vu = (x.view(H, -1, P, D)[:, at].view(H, nu * P, D) for x in (kq, vq))
+            for t0, t1, L in calls:
+                # the group's queries of a KV head as one [n * g, D] matrix (no mask: they all see these
+                # keys), rotated by one matmul with the Hadamard matrix (the butterfly's result up to
+                # rounding, several times faster)
+                n = t1 - t0
+                qr = q[t0:t1].view(n, H, g, D).transpose(0, 1).to(torch.float32, memory_format=torch.contiguous_format)
+                if hm is not None:
+                    qr = torch.matmul(qr, hm)
+                o, l = _flash(qr.view(1, H, n * g, D), ku[None, :, :L], vu[None, :, :L], scale=sm_scale)
+                o = o[0].view(H, n, g, D).transpose(0, 1)                 # [n, H, g, D]
+                l = l[0].view(H, n, g).transpose(0, 1)
+                os_, ls = out[t0:t1].view(n, H, g, D), lse[t0:t1].view(n, H, g)
+                m = torch.logaddexp(ls, l)
+                os_.mul_(torch.exp(ls - m)[..., None]).add_(o * torch.exp(l - m)[..., None])
+                ls.copy_(m)
+    return out

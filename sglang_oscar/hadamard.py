@@ -32,11 +32,18 @@ def hadamard(x: torch.Tensor) -> torch.Tensor:
     n = x.shape[-1]
     if not is_power_of_two(n):
         raise ValueError(f"Hadamard size must be a power of two, got {n}")
-    y = x.float().reshape(-1, n)
-    h = 1
+    src = x.float().reshape(-1, n)
+    # Each stage writes its sums and differences straight into the other of two buffers (the same
+    # floats as stacking fresh a + b and a - b, a third of the memory traffic); never into x itself.
+    bufs = [torch.empty_like(src), torch.empty_like(src) if n > 2 else None]
+    h, i = 1, 0
     while h < n:
-        y = y.view(-1, n // (2 * h), 2, h)
-        a, b = y[:, :, 0, :], y[:, :, 1, :]
-        y = torch.stack((a + b, a - b), dim=2)
-        h *= 2
-    return (y.reshape(x.shape) * (1.0 / math.sqrt(n)))
+        a = src.view(-1, n // (2 * h), 2, h)
+        dst = bufs[i % 2]
+        o = dst.view(-1, n // (2 * h), 2, h)
+        torch.add(a[:, :, 0], a[:, :, 1], out=o[:, :, 0])
+        torch.sub(a[:, :, 0], a[:, :, 1], out=o[:, :, 1])
+        src, h, i = dst, h * 2, i + 1
+    if n == 1:
+        src = src.clone()
+    return src.mul_(1.0 / math.sqrt(n)).view(x.shape)

@@ -1,7 +1,8 @@
 """The batched torch path (batched.py) against the per-request spec (reference.attend over pages packed
-by quant.store_pages), on random ragged batches: decode and prefill, page and chunk prefill, GQA, pages
-completing mid-step, requests sharing packed pages, and key blocks small enough that the online softmax
-and the causal skipping run over many blocks.
+by quant.store_pages), on random ragged batches: decode and prefill (and both in one batch), page and
+chunk prefill, GQA, pages completing mid-step, requests sharing packed pages, and key blocks small
+enough that the online softmax, the log-sum-exp merges and the causal skipping run over many blocks.
+Prefill runs both ways: fused (the CPU's) and in query rows (other devices', here with FUSED_PREFILL off).
 
 Each case keeps the whole K/V history of every request, so the reference needs no pool at all: its
 pages are packed from the history, its raw keys are the history's tail.
@@ -92,9 +93,11 @@ class Case:
         return plan
 
 
+@pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("prefill", ["page", "chunk"])
 @pytest.mark.parametrize("bits,Hq,H,D,P", [(2, 8, 2, 64, 32), (4, 9, 3, 64, 64), (2, 4, 4, 128, 32)])
-def test_prefill_chunks_then_decode_match_reference(prefill, bits, Hq, H, D, P):
+def test_prefill_chunks_then_decode_match_reference(monkeypatch, fused, prefill, bits, Hq, H, D, P):
+    monkeypatch.setattr(batched, "FUSED_PREFILL", fused)
     cfg = OscarConfig(method="oscar", bits=bits, page_size=P, prefill=prefill)
     c = Case(cfg, Hq, H, D, max_len=6 * P + 8, n_req=5, seed=bits * 100 + P + len(prefill))
     # ragged first chunks (one empty: that request joins later), then chunks starting mid-page,
@@ -116,6 +119,7 @@ def test_decode_completing_and_opening_pages_match_reference():
 
 @pytest.mark.parametrize("prefill", ["page", "chunk"])
 def test_many_key_blocks_and_query_rows(monkeypatch, prefill):
+    monkeypatch.setattr(batched, "FUSED_PREFILL", False)   # the query-row path
     # Tiny blocks: keys stream over many blocks (online softmax), query rows are short, and most
     # blocks involve only some rows (causal skipping); the result must not change.
     monkeypatch.setattr(batched, "SCRATCH_ELEMS", 1)
@@ -127,7 +131,8 @@ def test_many_key_blocks_and_query_rows(monkeypatch, prefill):
     assert any(isinstance(b.sub, torch.Tensor) for b in blocks)
 
 
-def test_shared_pages_are_dequantized_once():
+def test_shared_pages_are_dequantized_once_in_rows(monkeypatch):
+    monkeypatch.setattr(batched, "FUSED_PREFILL", False)   # the query-row path
     cfg = OscarConfig(method="oscar", bits=2, page_size=32)
     c = Case(cfg, 8, 2, 64, max_len=200, n_req=3, seed=3, share=True)
     c.step([2 * 32 + 10, 0, 50])
@@ -143,7 +148,8 @@ def test_shared_pages_are_dequantized_once():
 
 
 @pytest.mark.parametrize("prefill", ["page", "chunk"])
-def test_one_prompt_reads_its_pages_once(prefill):
+def test_one_prompt_reads_its_pages_once_in_rows(monkeypatch, prefill):
+    monkeypatch.setattr(batched, "FUSED_PREFILL", False)   # the query-row path
     # One long chunk of one request over a cached prefix that ends mid-page: its many query rows read
     # the same packed pages, dequantized once for all of them (not copied per row); in page prefill
     # each row reads only the raw pages its own queries fall in, not the whole chunk's.
@@ -160,6 +166,71 @@ def test_one_prompt_reads_its_pages_once(prefill):
     c.step([1, 0])
 
 
+@pytest.mark.parametrize("prefill", ["page", "chunk"])
+def test_many_key_blocks_fused(monkeypatch, prefill):
+    # Tiny blocks: packed keys stream over many blocks (decode: online softmax, prefill: log-sum-exp
+    # merges), and most blocks involve only some queries (causal skipping); the result must not change.
+    monkeypatch.setattr(batched, "SCRATCH_ELEMS", 1)
+    cfg = OscarConfig(method="oscar", bits=2, page_size=32, prefill=prefill)
+    c = Case(cfg, 8, 2, 64, max_len=300, n_req=3, seed=11)
+    pf = [c.step(e).prefill for e in ([70, 3, 150], [40, 33, 1])]
+    blocks = [b for x in pf for b in x.blocks]
+    assert len(blocks) >= 3 and all(b.n == 1 for b in blocks)
+    assert any(b.c0 > 0 and calls for b in blocks for _, _, calls in b.reqs)     # merged after block 0
+    if prefill == "chunk":      # ragged raw spans: queries of several spans in one step
+        assert any(len(x.raw) > 1 for x in pf)
+    dec = c.step([1, 1, 1])
+    assert dec.prefill is None
+    assert sum(b.packed for b in dec.blocks) >= 3
+    assert any(isinstance(b.sub, torch.Tensor) for b in dec.blocks)
+
+
+def test_shared_pages_are_dequantized_once_fused():
+    cfg = OscarConfig(method="oscar", bits=2, page_size=32)
+    c = Case(cfg, 8, 2, 64, max_len=200, n_req=3, seed=3, share=True)
+    c.step([2 * 32 + 10, 0, 50])
+    # request 1 arrives with request 0's two pages as its cached prefix (a radix hit)
+    c.len[1] = 64
+    shared = set(c.page_ids(0, 2).tolist())
+    pf = c.step([1, 20, 1]).prefill                  # a prefill batch (with decode tokens in it)
+    assert pf.blocks
+    for b in pf.blocks:
+        ids = b.table.tolist()
+        assert len(ids) == len(set(ids))              # each needed page once per block
+        assert shared <= set(ids)
+        assert all(isinstance(at, torch.Tensor) for at, _, _ in b.reqs)   # gathered per request
+    plan = c.step([1, 1, 1])                          # a decode batch
+    assert plan.prefill is None
+    for b in plan.blocks:
+        if b.packed:
+            ids = b.table.tolist()
+            assert len(ids) == len(set(ids))
+            assert shared <= set(ids)
+
+
+@pytest.mark.parametrize("prefill", ["page", "chunk"])
+def test_one_prompt_reads_its_pages_once_fused(prefill):
+    # One long chunk of one request over a cached prefix that ends mid-page: its queries read the same
+    # packed pages, dequantized once for all of them (in order, not gathered); in page prefill each
+    # query group reads only the raw page its queries fall in; chunk prefill calls once per block.
+    P = 64
+    cfg = OscarConfig(method="oscar", bits=2, page_size=P, prefill=prefill)
+    c = Case(cfg, 8, 2, 64, max_len=12 * P, n_req=2, seed=13)
+    first = c.step([2 * P, 0]).prefill                # whole pages of queries: they are the slots, no scatter
+    assert len(first.raw) == 1 and first.raw[0][1] is None
+    c.step([P + 7, 0])
+    pf = c.step([8 * P, 0]).prefill
+    assert pf.blocks and all(len(b.reqs) == 1 for b in pf.blocks)
+    assert all(at == 0 and len(b.table) == nu for b in pf.blocks for at, nu, _ in b.reqs)   # no gathers
+    calls = [cl for b in pf.blocks for _, _, cls in b.reqs for cl in cls]
+    if prefill == "page":
+        assert len(pf.raw) == 1 and pf.raw[0][0].shape[1] == 1
+        assert len(calls) == 9                        # one per page with packed pages below it
+    else:
+        assert len(calls) == len(pf.blocks) == 1
+    c.step([1, 0])
+
+
 @pytest.mark.parametrize("kind", ["kivi", "quarot"])
 def test_other_methods_match_reference(kind):
     cfg = OscarConfig(method=kind, bits=2, page_size=32)
@@ -168,7 +239,8 @@ def test_other_methods_match_reference(kind):
     c.step([1, 1, 1])
 
 
-def test_scratch_is_bounded():
+def test_scratch_is_bounded_in_rows(monkeypatch):
+    monkeypatch.setattr(batched, "FUSED_PREFILL", False)
     # A 4k-token chunk over a 16k-token context in 8 KV-head/128-dim shape: every block's logits and
     # dequantized keys stay within the scratch bound, whatever the context.
     cfg = OscarConfig(method="oscar", bits=2, page_size=64)
@@ -182,6 +254,19 @@ def test_scratch_is_bounded():
         assert n_sub * E * Hq * b.n * P <= max(batched.SCRATCH_ELEMS, R * E * Hq * P)
         assert n_sub * b.n * P * H * D <= max(batched.SCRATCH_ELEMS, R * P * H * D)
     assert len(plan.blocks) > 2
+
+
+def test_scratch_is_bounded_fused():
+    # A 4k-token chunk over a 16k-token context in 8 KV-head/128-dim shape: every block's dequantized
+    # keys stay within the scratch bound, whatever the context.
+    cfg = OscarConfig(method="oscar", bits=2, page_size=64)
+    P, Hq, H, D = 64, 32, 8, 128
+    pre, e = 16384, 4096
+    req_to_token = torch.arange(((pre + e) // P + 1) * P, dtype=torch.int32)[None].repeat(2, 1)
+    pf = batched.plan([1], [pre], [e], cfg, req_to_token, Hq, H, D).prefill
+    for b in pf.blocks:
+        assert len(b.table) * P * H * D <= max(batched.SCRATCH_ELEMS, P * H * D)
+    assert len(pf.blocks) > 2
 
 
 def test_partial_prefix_on_a_fresh_row_is_refused():

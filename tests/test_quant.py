@@ -200,6 +200,18 @@ def test_hadamard(n):
     torch.testing.assert_close(hadamard(hadamard(x)).double(), x, rtol=0, atol=1e-5)
     with pytest.raises(ValueError):
         hadamard(torch.zeros(3, 48))
+    # the floats of the plain butterfly (stacking each stage's sums and differences), bit for bit: the
+    # packed pages' bytes depend on them; and the input is left alone
+    for xf in (torch.randn(7, 2, n), torch.randn(4, n).to(torch.bfloat16), torch.randn(n, 6).T):
+        keep = xf.clone()
+        y = xf.float().reshape(-1, n)
+        h_ = 1
+        while h_ < n:
+            y = y.view(-1, n // (2 * h_), 2, h_)
+            y = torch.stack((y[:, :, 0] + y[:, :, 1], y[:, :, 0] - y[:, :, 1]), dim=2)
+            h_ *= 2
+        assert torch.equal(hadamard(xf), y.reshape(xf.shape) * (1.0 / math.sqrt(n)))
+        assert torch.equal(xf, keep)
 
 
 @pytest.mark.parametrize("method", METHODS)

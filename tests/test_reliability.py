@@ -30,7 +30,9 @@ BUDGET_GB = 0.02
 SOAK = int(os.environ.get("OSCAR_SOAK_CONVERSATIONS", "200"))
 CHECK_ENV = {DEBUG_ENV: "1", "SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_BUSY": "1",
              "SGLANG_CHECK_KV_PAGE_INVARIANTS": "1"}
-PARIS = [{"role": "user", "content": "What is the capital of France?"}]
+# Asked so that the answer has a margin (see test_server.PARIS: the bare question is a coin flip on
+# float rounding for oscar-2)
+PARIS = [{"role": "user", "content": "What is the capital of France? Answer in one word."}]
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,11 @@ from sglang_oscar.serve import Server
 pytestmark = pytest.mark.server
 PAGE = 64
 BUDGET = ["--oscar-kv-budget-gb", "2"]  # identical KV memory for both servers
+# The smoke question, asked so that oscar-2's answer has a margin: to the bare "What is the capital of
+# France?" its first token is 'The' or 'L' (for "L'Etoile, la Marseillaise, ...") one bf16 logit step
+# apart, or tied, depending on the attention's float rounding alone. With "Answer in one word." 'The'
+# leads by 1.3 nats (then "The capital of France is Paris.").
+PARIS = [{"role": "user", "content": "What is the capital of France? Answer in one word."}]
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +49,7 @@ def random_ids(n, seed):
 
 
 def test_default_launch_answers_paris(oscar):
-    r = oscar.chat([{"role": "user", "content": "What is the capital of France?"}])
+    r = oscar.chat(PARIS)
     assert "Paris" in r["choices"][0]["message"]["content"]
     info = oscar.info()
     assert "SmolLM2-135M-Instruct" in info["model_path"]
@@ -243,7 +248,7 @@ def test_malformed_requests_get_4xx_and_server_lives(oscar):
     assert 400 <= bad.status_code < 500
     wrong = requests.post(url, json={"model": "default", "messages": "not a list"}, timeout=60)
     assert 400 <= wrong.status_code < 500
-    r = oscar.chat([{"role": "user", "content": "What is the capital of France?"}])
+    r = oscar.chat(PARIS)
     assert "Paris" in r["choices"][0]["message"]["content"]
 
 
@@ -257,7 +262,7 @@ def test_online_weight_updates_are_refused_and_server_lives(oscar, default_model
         assert r.status_code == 400, (path, r.status_code, r.text)
         assert not r.json()["success"] and "V Hadamard rotation" in r.json()["message"], r.text
     assert oscar.generate([1, 2, 3, 4, 5, 6, 7, 8], max_new_tokens=8)["output_ids"] == before
-    r = oscar.chat([{"role": "user", "content": "What is the capital of France?"}])
+    r = oscar.chat(PARIS)
     assert "Paris" in r["choices"][0]["message"]["content"]
 
 
@@ -336,14 +341,23 @@ def test_accuracy_harness_through_the_server_matches_in_process(oscar, default_m
     assert abs(served - inproc) < 0.02
     assert abs(served - inproc) < 0.3 * abs(inproc - bf16)
 
-    # passkey through generation, against the in-process greedy answer on the same prompts
+    # Passkey through generation, against the in-process greedy answer on the same prompts with the
+    # harness's attention through the serving backend itself (its batched CPU path, one prefill chunk):
+    # greedy answers on knife-edge prompts follow the attention's float rounding, which is not what this
+    # checks. What it checks is the serving around that code (SGLang's chunked prefill over packed pages,
+    # residual rows, decode batches, the folded weights): a slip there changes the answer itself. The
+    # batched path against the spec is tests/test_batched.py's (per call) and test_accuracy_backend.py's
+    # (through the model), with numeric tolerances; the perplexities above still compare with the spec.
+    be = acc.Engine(default_model_dir, attention="backend")
+    be.capacity = (1, 1024 + 2 * PAGE)
     intro, filler, question = acc.passkey_setup(eng.tok, 1024)
     for j, key in enumerate([31337, 52718, 90210]):
         prompt, _ = acc.passkey_tokens(eng.tok, 1024, j / 2, key, filler, intro, question)
         served_out = oscar.generate(prompt, max_new_tokens=8)["output_ids"]
-        req = eng.new(cfg)
-        first = eng.forward(cfg, [req], [prompt])
-        inproc_out = eng.greedy(cfg, [req], first, 8)[0]
+        req = be.new(cfg)
+        first = be.forward(cfg, [req], [prompt])
+        inproc_out = be.greedy(cfg, [req], first, 8)[0]
+        del req                                  # its row and pages back to the harness's pool
         assert (str(key) in eng.tok.decode(served_out)) == (str(key) in eng.tok.decode(inproc_out))
         assert sum(a == b for a, b in zip(served_out, inproc_out)) >= 6, (served_out, inproc_out)
 
