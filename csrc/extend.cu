@@ -118,12 +118,15 @@ __device__ __forceinline__ void online_softmax(float (&S)[8][4], float (&m)[2], 
   }
   l[0] = l[0] * alpha[0] + s[0];
   l[1] = l[1] * alpha[1] + s[1];
+  // Once the running maxima settle, alpha is 1 for every row of the warp: skip the (exact) no-op rescale.
+  if (__any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f)) {
 #pragma unroll
-  for (int nt = 0; nt < D / 8; ++nt) {
-    O[nt][0] *= alpha[0];
-    O[nt][1] *= alpha[0];
-    O[nt][2] *= alpha[1];
-    O[nt][3] *= alpha[1];
+    for (int nt = 0; nt < D / 8; ++nt) {
+      O[nt][0] *= alpha[0];
+      O[nt][1] *= alpha[0];
+      O[nt][2] *= alpha[1];
+      O[nt][3] *= alpha[1];
+    }
   }
 }
 
@@ -234,24 +237,24 @@ __global__ void __launch_bounds__(WARPS * 32, 8 / WARPS) extend_kernel(const Ext
       pid[s] = s < nseg && pg < npk ? r2t[int64_t(pg) * P] / P : -1;
     }
   };
+  // A tile is one or two page segments (seg tokens each). Each 16-byte chunk's segment is chosen by a
+  // compare and a select (no runtime division, nothing indexed by it: registers, not local memory).
   auto issue_packed = [&](int j, const int (&pid)[2]) {
     unsigned char* st = smem + G::ST_OFF + (j & 1) * G::STAGE_B;
-    int64_t ph[2] = {0, 0};
-    int tok[2] = {0, 0};
-    bool ok[2] = {false, false};
-#pragma unroll
-    for (int s = 0; s < 2; ++s) {
-      ok[s] = pid[s] >= 0;
-      tok[s] = (j * kTile + s * seg) % P;
-      ph[s] = ok[s] ? int64_t(pid[s]) * p.H + h : 0;
-    }
-    auto field = [&](int dst_off, const unsigned char* src, int64_t unit_per_head, int64_t unit_per_tok, int seg_b) {
-      // src + (ph * unit_per_head + tok * unit_per_tok) is the segment's first byte
-      const int n = nseg * seg_b / 16;
-      for (int c = tid; c < n; c += kXThreads) {
-        const int s = (c * 16) / seg_b, in = c * 16 - s * seg_b;
-        const unsigned char* from = src + (ph[s] * unit_per_head + tok[s] * unit_per_tok) + in;
-        cp16(st + dst_off + c * 16, ok[s] ? from : src, ok[s]);
+    const bool ok0 = pid[0] >= 0, ok1 = pid[1] >= 0;
+    const int tok0 = (j * kTile) % P, tok1 = (j * kTile + seg) % P;
+    const int64_t pg0 = ok0 ? pid[0] : 0, pg1 = ok1 ? pid[1] : 0;
+    const int64_t ph0 = pg0 * p.H + h, ph1 = pg1 * p.H + h;
+    // src + (ph * unit_per_head + page * unit_per_page + tok * unit_per_tok) is a segment's first byte
+    auto field = [&](int dst_off, const unsigned char* src, int64_t unit_per_head, int64_t unit_per_tok, int seg_b,
+                     int64_t unit_per_page = 0) {
+      const unsigned char* from0 = src + ph0 * unit_per_head + pg0 * unit_per_page + tok0 * unit_per_tok;
+      const unsigned char* from1 = src + ph1 * unit_per_head + pg1 * unit_per_page + tok1 * unit_per_tok - seg_b;
+      const int n = nseg * seg_b;
+      for (int c = tid * 16; c < n; c += kXThreads * 16) {
+        const bool second = c >= seg_b;  // at most two segments
+        const bool ok = second ? ok1 : ok0;
+        cp16(st + dst_off + c, ok ? (second ? from1 : from0) + c : src, ok);
       }
     };
     const int gpp = P / 32;  // K groups per page
@@ -267,16 +270,8 @@ __global__ void __launch_bounds__(WARPS * 32, 8 / WARPS) extend_kernel(const Ext
           seg * (D / 32) * 2);
     field(G::OFF_VZ, reinterpret_cast<const unsigned char*>(p.v_zero), int64_t(P) * (D / 32) * 2, (D / 32) * 2,
           seg * (D / 32) * 2);
-    // k_norm is [pages, P] (no head axis): ph / H is the page id
-    {
-      const int n = nseg * seg * 4 / 16;
-      for (int c = tid; c < n; c += kXThreads) {
-        const int s = (c * 16) / (seg * 4), in = c * 16 - s * seg * 4;
-        const float* from = p.k_norm + (ph[s] / p.H) * P + tok[s];
-        cp16(st + G::OFF_KN + c * 16, ok[s] ? reinterpret_cast<const unsigned char*>(from) + in
-                                           : reinterpret_cast<const unsigned char*>(p.k_norm), ok[s]);
-      }
-    }
+    // k_norm is [pages, P]: no head axis
+    field(G::OFF_KN, reinterpret_cast<const unsigned char*>(p.k_norm), 0, 4, seg * 4, int64_t(P) * 4);
   };
 
   int pid[2] = {-1, -1};
@@ -373,13 +368,23 @@ __global__ void __launch_bounds__(WARPS * 32, 8 / WARPS) extend_kernel(const Ext
     cp_commit();
 
     qk_tile<__half, D, true>(qf, k_s, S, lane);
+    if ((j + 1) * kTile <= raw_lo) {  // below every row's boundary (the CTA's first row has the lowest)
 #pragma unroll
-    for (int nt = 0; nt < 8; ++nt) {
-      const int c = j * kTile + nt * 8 + 2 * tig;
-      S[nt][0] = c < qb[0] ? S[nt][0] * nrm[nt].x * qsc[0] : -INFINITY;
-      S[nt][1] = c + 1 < qb[0] ? S[nt][1] * nrm[nt].y * qsc[0] : -INFINITY;
-      S[nt][2] = c < qb[1] ? S[nt][2] * nrm[nt].x * qsc[1] : -INFINITY;
-      S[nt][3] = c + 1 < qb[1] ? S[nt][3] * nrm[nt].y * qsc[1] : -INFINITY;
+      for (int nt = 0; nt < 8; ++nt) {
+        S[nt][0] = S[nt][0] * nrm[nt].x * qsc[0];
+        S[nt][1] = S[nt][1] * nrm[nt].y * qsc[0];
+        S[nt][2] = S[nt][2] * nrm[nt].x * qsc[1];
+        S[nt][3] = S[nt][3] * nrm[nt].y * qsc[1];
+      }
+    } else {
+#pragma unroll
+      for (int nt = 0; nt < 8; ++nt) {
+        const int c = j * kTile + nt * 8 + 2 * tig;
+        S[nt][0] = c < qb[0] ? S[nt][0] * nrm[nt].x * qsc[0] : -INFINITY;
+        S[nt][1] = c + 1 < qb[0] ? S[nt][1] * nrm[nt].y * qsc[0] : -INFINITY;
+        S[nt][2] = c < qb[1] ? S[nt][2] * nrm[nt].x * qsc[1] : -INFINITY;
+        S[nt][3] = c + 1 < qb[1] ? S[nt][3] * nrm[nt].y * qsc[1] : -INFINITY;
+      }
     }
     online_softmax<D>(S, m, l, O);
     pv_tile<__half, D>(S, v_s, O, lane);
