@@ -123,10 +123,19 @@ def _dequant(pages: dict, bits: int, rows: int, token_major_keys: bool = False):
         kb = kb.view(rows, n, H, G, D, -1).permute(*order, 5).contiguous()
     k = _unpack(kb, bits).mul_(scales("k_scale", *order)).add_(scales("k_zero", *order))
     k = k.permute(0, 2, 4, 1, 3).reshape(N * P, H, D) if token_major_keys else k.view(H, rows, D, n * P)
+    return k, pages["k_norm"].float().view(rows, n * P), _values(pages, bits, rows)
+
+
+def _values(pages: dict, bits: int, rows: int) -> torch.Tensor:
+    """The values of N = rows x n pages, V [H, rows, n*P, D] fp32 (quant.load_pages' float ops): the
+    codes are permuted head-major as bytes, then unpacked and scaled in place."""
+    N, H, P, _ = pages["v_codes"].shape
+    n, D = N // rows, pages["v_scale"].shape[-1] * V_GROUP
     vb = pages["v_codes"].view(torch.uint8).view(rows, n, H, P, -1).permute(2, 0, 1, 3, 4)
     vc = _unpack(vb.contiguous(), bits).view(H, rows, n, P, D // V_GROUP, V_GROUP)
-    v = vc.mul_(scales("v_scale", 2, 0, 1, 3, 4)).add_(scales("v_zero", 2, 0, 1, 3, 4))
-    return k, pages["k_norm"].float().view(rows, n * P), v.view(H, rows, n * P, D)
+    for name, op in (("v_scale", vc.mul_), ("v_zero", vc.add_)):
+        op(pages[name].view(rows, n, H, P, -1).permute(2, 0, 1, 3, 4).contiguous().float().unsqueeze(-1))
+    return vc.view(H, rows, n * P, D)
 
 
 def _dequant_kv(pages: dict, bits: int):
@@ -139,12 +148,7 @@ def _dequant_kv(pages: dict, bits: int):
     k = k.mul_(pages["k_scale"].float().unsqueeze(-1)).add_(pages["k_zero"].float().unsqueeze(-1))
     kt = k.new_empty((H, N, G, K_GROUP, D))                                # the norm and the transpose: one pass
     torch.mul(k.permute(1, 0, 2, 4, 3), pages["k_norm"].float().view(1, N, G, K_GROUP, 1), out=kt)
-    vb = pages["v_codes"].view(torch.uint8).permute(1, 0, 2, 3)           # [H, N, P, bytes]: head-major codes
-    vc = _unpack(vb.contiguous(), bits).view(H, N, P, D // V_GROUP, V_GROUP)
-    vh = (1, 0, 2, 3)
-    v = vc.mul_(pages["v_scale"].permute(*vh).float().unsqueeze(-1)).add_(
-        pages["v_zero"].permute(*vh).float().unsqueeze(-1))
-    return kt.view(H, N * P, D), v.view(H, N * P, D)
+    return kt.view(H, N * P, D), _values(pages, bits, 1).view(H, N * P, D)
 
 
 _HADAMARD = {}
@@ -499,7 +503,11 @@ def _attend_prefill(p: Plan, q, raw_k, raw_v, pages, cfg: OscarConfig, sm_scale:
             if out is None:
                 out, lse = qf.new_empty((T, Hq, D)), qf.new_empty((T, Hq))
             out[tok], lse[tok] = o, l
-    hm = _hadamard(D, q.device) if cfg.rotate else None
+    if pf.blocks:
+        # every query of a KV head as rows of one [T, g, D] block, rotated once for all packed blocks by one
+        # matmul with the Hadamard matrix (the butterfly's result up to rounding, several times faster)
+        qh = q.view(T, H, g, D).transpose(0, 1).to(torch.float32, memory_format=torch.contiguous_format)
+        qr_all = torch.matmul(qh, _hadamard(D, q.device)) if cfg.rotate else qh      # [H, T, g, D]
     for b in pf.blocks:
         kq, vq = _dequant_kv({f: pages[f][b.table] for f in FIELDS}, cfg.bits)
         for at, nu, calls in b.reqs:
@@ -508,14 +516,10 @@ def _attend_prefill(p: Plan, q, raw_k, raw_v, pages, cfg: OscarConfig, sm_scale:
             else:
                 ku, vu = (x.view(H, -1, P, D)[:, at].view(H, nu * P, D) for x in (kq, vq))
             for t0, t1, L in calls:
-                # the group's queries of a KV head as one [n * g, D] matrix (no mask: they all see these
-                # keys), rotated by one matmul with the Hadamard matrix (the butterfly's result up to
-                # rounding, several times faster)
+                # the group's queries of a KV head as one [n * g, D] matrix (no mask: they all see these keys)
                 n = t1 - t0
-                qr = q[t0:t1].view(n, H, g, D).transpose(0, 1).to(torch.float32, memory_format=torch.contiguous_format)
-                if hm is not None:
-                    qr = torch.matmul(qr, hm)
-                o, l = _flash(qr.view(1, H, n * g, D), ku[None, :, :L], vu[None, :, :L], scale=sm_scale)
+                qr = qr_all[:, t0:t1].reshape(1, H, n * g, D).contiguous()
+                o, l = _flash(qr, ku[None, :, :L], vu[None, :, :L], scale=sm_scale)
                 o = o[0].view(H, n, g, D).transpose(0, 1)                 # [n, H, g, D]
                 l = l[0].view(H, n, g).transpose(0, 1)
                 os_, ls = out[t0:t1].view(n, H, g, D), lse[t0:t1].view(n, H, g)
