@@ -18,6 +18,15 @@ way, with no masked tile computed: a request's queries are cut into groups of on
 [0, qb) and the raw keys [qb, p]: two calls of torch's fused CPU attention (flash, fp32), one without a
 mask over a prefix of its request's dequantized keys, one causal over the group's raw pages, merged by
 their log-sum-exps. The packed keys go in blocks of pages (the same scratch bound), merged the same way.
+
+Decode on the CPU (every request adds one token; PAGE_DECODE) skips the query rows and the raw page
+buffer: the new token is written straight into its request's residual row (which then holds exactly the
+token's raw keys), a page it completes is packed from there, and each needed page is dequantized once for
+the batch. Logits are computed per (request, page) pair, with no padding of keys or values to the longest
+request; they are scattered into one [request, head, key] row per request (padding -inf), the raw logits
+appended, and one softmax per row replaces the online softmax (long contexts: blocks of pages within the
+scratch bound, merged by their log-sum-exps). The per-pair products are summed into each request's output.
+A decode step is a few dozen torch operations per layer, whatever the batch.
 """
 from __future__ import annotations
 
@@ -33,6 +42,7 @@ from .quant import rotate_queries
 QUERY_ROW = 64            # query tokens of one request per row
 SCRATCH_ELEMS = 1 << 22   # fp32 elements of one block's logits or of its dequantized K (about 16 MB)
 FUSED_PREFILL = True      # prefill of CPU tensors through torch's fused attention (else: query rows)
+PAGE_DECODE = True        # decode of CPU tensors page by page for the whole batch (else: query rows)
 _flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu   # -> (out, natural-log lse)
 
 
@@ -69,12 +79,33 @@ class Prefill:
 
 
 @dataclass
+class DecodeBlock:
+    """Decode: packed pages [c0, c0 + n) of the requests that read any, as (request, page) pairs."""
+    n: int
+    sub: object                 # requests with pairs here: a slice (all) or an int64 index [n_sub]
+    table: torch.Tensor         # [n_uniq] pool page ids, each needed page once
+    inverse: torch.Tensor | None  # [M] each pair's page in table (None: the pairs are the table, in order)
+    req: torch.Tensor           # [M] each (request, page) pair's request in the batch (for its query)
+    loc: torch.Tensor           # [M] ... among this block's requests (sub)
+    col: torch.Tensor           # [M] its page relative to c0
+
+
+@dataclass
+class Decode:
+    rows: torch.Tensor          # [B] request rows
+    slot: torch.Tensor          # [B] the new token's slot in its residual row (= raw keys before it)
+    vis: torch.Tensor           # [B, R] raw keys visible in residual slots 0..R-1 (R: longest)
+    store: tuple | None         # (rows, pool page ids): residual rows the new token completes
+    blocks: list                # [DecodeBlock]; the first one (if any) covers every request
+
+
+@dataclass
 class Plan:
     P: int
     T: int
     rows: torch.Tensor          # [B] request rows
     n_raw: int                  # raw pages of this step (row n_raw of the raw buffer is a zero page)
-    new_dst: torch.Tensor       # [T] flat raw slot of each new token
+    new_dst: torch.Tensor | None  # [T] flat raw slot of each new token (decode: None, see Decode)
     res: tuple | None           # (rows, raw pages): residual rows copied to each request's first raw page
     store: tuple | None         # (raw pages, pool page ids): pages this step completes
     tail: tuple | None          # (raw pages, rows): new partial pages, back into the residual
@@ -85,6 +116,7 @@ class Plan:
     out_idx: torch.Tensor | None = None  # [T] row slot of each query
     blocks: list = field(default_factory=list)
     prefill: Prefill | None = None
+    decode: Decode | None = None
 
 
 # (bits, device) -> each byte value's codes: int32 [256] at 2 bits (a word's bytes), else uint8 [256, 8 / bits]
@@ -126,16 +158,26 @@ def _dequant(pages: dict, bits: int, rows: int, token_major_keys: bool = False):
     return k, pages["k_norm"].float().view(rows, n * P), _values(pages, bits, rows)
 
 
-def _values(pages: dict, bits: int, rows: int) -> torch.Tensor:
+def _values(pages: dict, bits: int, rows: int | None = None) -> torch.Tensor:
     """The values of N = rows x n pages, V [H, rows, n*P, D] fp32 (quant.load_pages' float ops): the
-    codes are permuted head-major as bytes, then unpacked and scaled in place."""
+    codes are permuted head-major as bytes, then unpacked and scaled in place. rows None: as stored,
+    page-major [N, H, P, D] (no permuting copy)."""
     N, H, P, _ = pages["v_codes"].shape
-    n, D = N // rows, pages["v_scale"].shape[-1] * V_GROUP
-    vb = pages["v_codes"].view(torch.uint8).view(rows, n, H, P, -1).permute(2, 0, 1, 3, 4)
-    vc = _unpack(vb.contiguous(), bits).view(H, rows, n, P, D // V_GROUP, V_GROUP)
+    D = pages["v_scale"].shape[-1] * V_GROUP
+    n = N // (rows or 1)
+
+    def head_major(x):
+        return x if rows is None else x.view(rows, n, H, P, -1).permute(2, 0, 1, 3, 4).contiguous()
+    vc = _unpack(head_major(pages["v_codes"].view(torch.uint8)), bits).view(-1, D // V_GROUP, V_GROUP)
     for name, op in (("v_scale", vc.mul_), ("v_zero", vc.add_)):
-        op(pages[name].view(rows, n, H, P, -1).permute(2, 0, 1, 3, 4).contiguous().float().unsqueeze(-1))
-    return vc.view(H, rows, n * P, D)
+        op(head_major(pages[name]).float().reshape(-1, D // V_GROUP, 1))
+    return vc.view(N, H, P, D) if rows is None else vc.view(H, rows, n * P, D)
+
+
+def _keys(pages: dict, bits: int) -> torch.Tensor:
+    """The keys of N pages in the codes' order, k_hat [N, H, G, D, 32] fp32 (quant.load_pages' float ops)."""
+    k = _unpack(pages["k_codes"].view(torch.uint8), bits)
+    return k.mul_(pages["k_scale"].float().unsqueeze(-1)).add_(pages["k_zero"].float().unsqueeze(-1))
 
 
 def _dequant_kv(pages: dict, bits: int):
@@ -144,8 +186,7 @@ def _dequant_kv(pages: dict, bits: int):
     rounds the logits once more than the spec's (q . k_hat) * norm (a relative 6e-8)."""
     N, H, G, D, _ = pages["k_codes"].shape
     P = G * K_GROUP
-    k = _unpack(pages["k_codes"].view(torch.uint8), bits)                 # [N, H, G, D, 32]
-    k = k.mul_(pages["k_scale"].float().unsqueeze(-1)).add_(pages["k_zero"].float().unsqueeze(-1))
+    k = _keys(pages, bits)
     kt = k.new_empty((H, N, G, K_GROUP, D))                                # the norm and the transpose: one pass
     torch.mul(k.permute(1, 0, 2, 4, 3), pages["k_norm"].float().view(1, N, G, K_GROUP, 1), out=kt)
     return kt.view(H, N * P, D), _values(pages, bits, 1).view(H, N * P, D)
@@ -184,6 +225,10 @@ def plan(rows, prefix, ext, cfg: OscarConfig, req_to_token: torch.Tensor, Hq: in
     pre = torch.as_tensor(prefix, dtype=torch.int64)
     e = torch.as_tensor(ext, dtype=torch.int64)
     B, T = rows_t.numel(), int(e.sum())
+    Hq, H, D = Hq or 32, H or 8, D or 128
+    if PAGE_DECODE and B and dev.type == "cpu" and bool((e == 1).all()):   # no raw page buffer
+        return Plan(P=P, T=T, rows=rows_t, n_raw=0, new_dst=None, res=None, store=None, tail=None,
+                    decode=_plan_decode(rows_t, pre, cfg, req_to_token, Hq, H * D))
     seq = pre + e
     base = pre // P * P
     first, full = pre // P, seq // P
@@ -204,7 +249,6 @@ def plan(rows, prefix, ext, cfg: OscarConfig, req_to_token: torch.Tensor, Hq: in
         store = (off[st_req] + st_c, ids)
     has_tail = seq > full * P
     tail = (off[has_tail] + (full - first)[has_tail], rows_t[has_tail]) if bool(has_tail.any()) else None
-    Hq, H, D = Hq or 32, H or 8, D or 128
     if FUSED_PREFILL and B and int(e.max()) > 1 and dev.type == "cpu":
         pf = _plan_prefill(tok_req, pre[tok_req] + tok_j, base, off, rows_t, cfg, req_to_token, H * D)
         return _to(Plan(P=P, T=T, rows=rows_t, n_raw=n_raw, new_dst=new_dst, res=res, store=store, tail=tail,
@@ -378,12 +422,49 @@ def _plan_prefill(tok_req, pos, base, off, rows_t, cfg: OscarConfig, req_to_toke
     return Prefill(blocks, raw)
 
 
+def _plan_decode(rows_t, pre, cfg: OscarConfig, req_to_token, Hq: int, HD: int) -> Decode:
+    """The decode path's plan: request rows rows_t [B], each adding the token at position pre [B]."""
+    P = cfg.page_size
+    dev = req_to_token.device
+    B = rows_t.numel()
+    n_pk = pre // P                          # packed pages: every page before the token's own
+    slot = pre - n_pk * P
+    R = int(slot.max()) + 1
+    vis = torch.arange(R)[None, :] <= slot[:, None]
+    done = torch.nonzero(slot == P - 1)[:, 0]
+    store = None
+    if done.numel():
+        ids = req_to_token[rows_t[done].to(dev), (n_pk[done] * P).to(dev)] // P
+        store = (rows_t[done].to(dev), ids.to(torch.int64))
+    blocks = []
+    n_max = int(n_pk.max())
+    if n_max:
+        cols = (torch.arange(n_max) * P).to(dev)
+        req_table = (req_to_token[rows_t.to(dev)[:, None], cols[None, :]] // P).to(torch.int64).cpu()
+        # pages per block: the pairs' dequantized keys (and the logits) within the scratch bound
+        kb = max(1, SCRATCH_ELEMS // (B * P * max(HD, Hq)))
+        for c0 in range(0, n_max, kb):
+            n = min(kb, n_max - c0)
+            # the first block covers every request (the raw keys join it); later ones those still reading
+            sel = torch.arange(B) if c0 == 0 else torch.nonzero(n_pk > c0)[:, 0]
+            loc, col = _ranges((n_pk[sel] - c0).clamp(0, n))
+            req = sel[loc]
+            ids = req_table[req, c0 + col]
+            uniq, inv = torch.unique(ids, return_inverse=True)
+            table, inverse = (ids, None) if uniq.numel() == ids.numel() else (uniq, inv.to(dev))
+            blocks.append(DecodeBlock(n, slice(None) if sel.numel() == B else sel.to(dev), table.to(dev),
+                                      inverse, req.to(dev), loc.to(dev), col.to(dev)))
+    return Decode(rows_t.to(dev), slot.to(dev), vis.to(dev), store, blocks)
+
+
 def forward(p: Plan, q, k, v, pages, res_k, res_v, cfg: OscarConfig, sm_scale: float, store_fn):
     """One layer: q [T, Hq, D], k/v [T, H, D] of this step -> out [T, Hq, D] fp32.
 
     Writes the pool first (completed pages through store_fn(k, v, page_ids, pages, cfg), the new
     partial pages into the residual rows), then attends, so a query reads its earlier pages packed.
     """
+    if p.decode is not None:
+        return _attend_decode(p.decode, q, k, v, pages, res_k, res_v, cfg, sm_scale, store_fn)
     P = p.P
     T, Hq, D = q.shape
     H = k.shape[1]
@@ -473,6 +554,61 @@ def forward(p: Plan, q, k, v, pages, res_k, res_v, cfg: OscarConfig, sm_scale: f
     return out.reshape(R * E, Hq, D)[p.out_idx]
 
 
+def _attend_decode(d: Decode, q, k, v, pages, res_k, res_v, cfg: OscarConfig, sm_scale: float, store_fn):
+    """The decode path (see the module doc): q [B, Hq, D], k/v [B, H, D] -> out [B, Hq, D] fp32.
+
+    Head-major throughout ([H, requests, g, ...]): every product is a plain batched matmul."""
+    B, Hq, D = q.shape
+    H = k.shape[1]
+    g = Hq // H
+    P = res_k.shape[1]
+    res_k[d.rows, d.slot] = k.to(res_k.dtype)
+    res_v[d.rows, d.slot] = v.to(res_v.dtype)
+    if d.store is not None:
+        store_fn(res_k[d.store[0]], res_v[d.store[0]], d.store[1], pages, cfg)
+    R = d.vis.shape[1]
+    f32 = dict(dtype=torch.float32, memory_format=torch.contiguous_format)
+    qf = q.view(B, H, g, D).transpose(0, 1).to(**f32)                       # [H, B, g, D]
+    kr = res_k[d.rows, :R].permute(2, 0, 3, 1).to(**f32)                   # [H, B, D, R]
+    vr = res_v[d.rows, :R].permute(2, 0, 1, 3).to(**f32)                   # [H, B, R, D]
+    s_raw = torch.matmul(qf, kr).mul_(sm_scale).masked_fill_(~d.vis[None, :, None, :], float("-inf"))
+    if not d.blocks:
+        return torch.matmul(torch.softmax(s_raw, -1), vr).transpose(0, 1).reshape(B, Hq, D)
+    # every query of a KV head rotated by one matmul with the Hadamard matrix (as the prefill's)
+    qr = torch.matmul(qf, _hadamard(D, q.device)) if cfg.rotate else qf
+    out = lse = None
+    for i, b in enumerate(d.blocks):
+        n_sub, nP = (B if isinstance(b.sub, slice) else b.sub.numel()), b.n * P
+        fields = {f: pages[f].index_select(0, b.table) for f in FIELDS}     # (faster than indexing)
+        kq, vq = _keys(fields, cfg.bits), _values(fields, cfg.bits)        # [U, H, G, D, 32], [U, H, P, D]
+        norm = fields["k_norm"].float()                                     # [U, P]
+        if b.inverse is not None:             # pages shared by requests: dequantized once, gathered per pair
+            kq, vq, norm = kq[b.inverse], vq[b.inverse], norm[b.inverse]
+        M, _, G = kq.shape[:3]
+        # each pair's logits, scaled after the product as the spec does: [M, H, G, g, 32]
+        s = torch.matmul(qr[:, b.req].transpose(0, 1).unsqueeze(2), kq)
+        s.mul_((norm * sm_scale).view(M, 1, G, 1, K_GROUP))
+        lg = qf.new_full((H, n_sub, g, nP + (R if i == 0 else 0)), float("-inf"))
+        lg[..., :nP].view(H, n_sub, g, b.n, G, K_GROUP)[:, b.loc, :, b.col] = s.transpose(2, 3)
+        if i == 0:
+            lg[..., nP:] = s_raw
+        if len(d.blocks) == 1:
+            prob, l_b = torch.softmax(lg, -1), None
+        else:
+            l_b = torch.logsumexp(lg, -1)
+            prob = torch.exp(lg - l_b[..., None])
+        pp = prob[..., :nP].view(H, n_sub, g, b.n, P)[:, b.loc, :, b.col]     # [M, H, g, P]
+        o = torch.matmul(prob[..., nP:], vr) if i == 0 else prob.new_zeros((H, n_sub, g, D))
+        o.index_add_(1, b.loc, torch.matmul(pp, vq).transpose(0, 1))
+        if i == 0:
+            out, lse = o, l_b
+        else:                                 # merged into the requests this block covers
+            m = torch.logaddexp(lse[:, b.sub], l_b)
+            out[:, b.sub] = out[:, b.sub] * torch.exp(lse[:, b.sub] - m)[..., None] + o * torch.exp(l_b - m)[..., None]
+            lse[:, b.sub] = m
+    return out.transpose(0, 1).reshape(B, Hq, D)
+
+
 def _attend_prefill(p: Plan, q, raw_k, raw_v, pages, cfg: OscarConfig, sm_scale: float):
     """The prefill path (see the module doc): each qb group's raw part, then its packed parts, through
     torch's fused CPU attention (fp32), merged into the output by their log-sum-exps as they come (each
@@ -509,7 +645,7 @@ def _attend_prefill(p: Plan, q, raw_k, raw_v, pages, cfg: OscarConfig, sm_scale:
         qh = q.view(T, H, g, D).transpose(0, 1).to(torch.float32, memory_format=torch.contiguous_format)
         qr_all = torch.matmul(qh, _hadamard(D, q.device)) if cfg.rotate else qh      # [H, T, g, D]
     for b in pf.blocks:
-        kq, vq = _dequant_kv({f: pages[f][b.table] for f in FIELDS}, cfg.bits)
+        kq, vq = _dequant_kv({f: pages[f].index_select(0, b.table) for f in FIELDS}, cfg.bits)
         for at, nu, calls in b.reqs:
             if isinstance(at, int):
                 ku, vu = kq[:, at * P:(at + nu) * P], vq[:, at * P:(at + nu) * P]

@@ -2,7 +2,8 @@
 by quant.store_pages), on random ragged batches: decode and prefill (and both in one batch), page and
 chunk prefill, GQA, pages completing mid-step, requests sharing packed pages, and key blocks small
 enough that the online softmax, the log-sum-exp merges and the causal skipping run over many blocks.
-Prefill runs both ways: fused (the CPU's) and in query rows (other devices', here with FUSED_PREFILL off).
+Prefill runs both ways: fused (the CPU's) and in query rows (other devices', here with FUSED_PREFILL off);
+decode likewise: page by page (the CPU's) and in query rows (PAGE_DECODE off).
 
 Each case keeps the whole K/V history of every request, so the reference needs no pool at all: its
 pages are packed from the history, its raw keys are the history's tail.
@@ -98,6 +99,7 @@ class Case:
 @pytest.mark.parametrize("bits,Hq,H,D,P", [(2, 8, 2, 64, 32), (4, 9, 3, 64, 64), (2, 4, 4, 128, 32)])
 def test_prefill_chunks_then_decode_match_reference(monkeypatch, fused, prefill, bits, Hq, H, D, P):
     monkeypatch.setattr(batched, "FUSED_PREFILL", fused)
+    monkeypatch.setattr(batched, "PAGE_DECODE", fused)
     cfg = OscarConfig(method="oscar", bits=bits, page_size=P, prefill=prefill)
     c = Case(cfg, Hq, H, D, max_len=6 * P + 8, n_req=5, seed=bits * 100 + P + len(prefill))
     # ragged first chunks (one empty: that request joins later), then chunks starting mid-page,
@@ -117,9 +119,40 @@ def test_decode_completing_and_opening_pages_match_reference():
     c.step([0, 1, 0, 1])               # a subset of the batch
 
 
+@pytest.mark.parametrize("page_decode", [True, False])
+@pytest.mark.parametrize("bits,Hq,H,D,P", [(2, 8, 2, 64, 32), (4, 9, 3, 64, 64), (2, 4, 4, 128, 64),
+                                           (4, 8, 2, 128, 128), (2, 6, 3, 32, 32)])
+def test_decode_matrix_matches_reference(monkeypatch, page_decode, bits, Hq, H, D, P):
+    # Ragged decode batches against the single-request spec, across bits, page sizes and head shapes:
+    # requests with no packed page yet, one whose token starts a page (nothing in its residual before
+    # it), one completing a page, long and short side by side, a lone request, and a subset of the batch.
+    monkeypatch.setattr(batched, "PAGE_DECODE", page_decode)
+    cfg = OscarConfig(method="oscar", bits=bits, page_size=P)
+    c = Case(cfg, Hq, H, D, max_len=5 * P + 4, n_req=5, seed=bits * 1000 + P + D + Hq)
+    c.step([3, P, 2 * P - 1, 4 * P + 1, 0])      # decode next: no packed page, opens a page, completes, long
+    for _ in range(2):
+        plan = c.step([1, 1, 1, 1, 0])
+        assert (plan.decode is not None) == page_decode
+    c.step([0, 0, 0, 1, 0])                       # a lone request
+    c.step([1, 0, 1, 0, 0])
+    c.step([0, 0, 0, 0, 2])                       # a late prompt (prefill), then it decodes alongside
+    c.step([1, 1, 1, 1, 1])
+
+
+@pytest.mark.parametrize("kind", ["kivi", "quarot"])
+def test_page_decode_other_methods_and_raw_only(kind):
+    cfg = OscarConfig(method=kind, bits=4, page_size=32)
+    c = Case(cfg, 8, 2, 64, max_len=100, n_req=3, seed=21)
+    c.step([5, 1, 31])
+    dec = c.step([1, 1, 1]).decode              # no request has a packed page yet: raw keys only
+    assert dec is not None and not dec.blocks and dec.store is not None   # request 2 completes its page
+    assert c.step([1, 1, 1]).decode.blocks      # now request 2 reads one
+
+
 @pytest.mark.parametrize("prefill", ["page", "chunk"])
 def test_many_key_blocks_and_query_rows(monkeypatch, prefill):
     monkeypatch.setattr(batched, "FUSED_PREFILL", False)   # the query-row path
+    monkeypatch.setattr(batched, "PAGE_DECODE", False)
     # Tiny blocks: keys stream over many blocks (online softmax), query rows are short, and most
     # blocks involve only some rows (causal skipping); the result must not change.
     monkeypatch.setattr(batched, "SCRATCH_ELEMS", 1)
@@ -133,6 +166,7 @@ def test_many_key_blocks_and_query_rows(monkeypatch, prefill):
 
 def test_shared_pages_are_dequantized_once_in_rows(monkeypatch):
     monkeypatch.setattr(batched, "FUSED_PREFILL", False)   # the query-row path
+    monkeypatch.setattr(batched, "PAGE_DECODE", False)
     cfg = OscarConfig(method="oscar", bits=2, page_size=32)
     c = Case(cfg, 8, 2, 64, max_len=200, n_req=3, seed=3, share=True)
     c.step([2 * 32 + 10, 0, 50])
@@ -150,6 +184,7 @@ def test_shared_pages_are_dequantized_once_in_rows(monkeypatch):
 @pytest.mark.parametrize("prefill", ["page", "chunk"])
 def test_one_prompt_reads_its_pages_once_in_rows(monkeypatch, prefill):
     monkeypatch.setattr(batched, "FUSED_PREFILL", False)   # the query-row path
+    monkeypatch.setattr(batched, "PAGE_DECODE", False)
     # One long chunk of one request over a cached prefix that ends mid-page: its many query rows read
     # the same packed pages, dequantized once for all of them (not copied per row); in page prefill
     # each row reads only the raw pages its own queries fall in, not the whole chunk's.
@@ -179,10 +214,22 @@ def test_many_key_blocks_fused(monkeypatch, prefill):
     assert any(b.c0 > 0 and calls for b in blocks for _, _, calls in b.reqs)     # merged after block 0
     if prefill == "chunk":      # ragged raw spans: queries of several spans in one step
         assert any(len(x.raw) > 1 for x in pf)
-    dec = c.step([1, 1, 1])
-    assert dec.prefill is None
-    assert sum(b.packed for b in dec.blocks) >= 3
-    assert any(isinstance(b.sub, torch.Tensor) for b in dec.blocks)
+    dec = c.step([1, 1, 1]).decode
+    assert len(dec.blocks) >= 3                                                   # merged after block 0
+    assert any(isinstance(b.sub, torch.Tensor) and len(b.sub) < 3 for b in dec.blocks)   # some requests only
+
+
+def test_page_decode_blocks_over_every_request(monkeypatch):
+    # Tiny blocks over requests of equal length: every block covers the whole batch (merged in place),
+    # and a page completed in the step is read packed by the next one.
+    monkeypatch.setattr(batched, "SCRATCH_ELEMS", 1)
+    cfg = OscarConfig(method="oscar", bits=2, page_size=32)
+    c = Case(cfg, 8, 2, 64, max_len=200, n_req=2, seed=17)
+    c.step([3 * 32 + 30, 3 * 32 + 30])
+    dec = c.step([1, 1]).decode
+    assert len(dec.blocks) == 3 and all(isinstance(b.sub, slice) for b in dec.blocks)
+    assert dec.store is None
+    assert c.step([1, 1]).decode.store is not None and len(c.step([1, 1]).decode.blocks) == 4
 
 
 def test_shared_pages_are_dequantized_once_fused():
@@ -199,13 +246,13 @@ def test_shared_pages_are_dequantized_once_fused():
         assert len(ids) == len(set(ids))              # each needed page once per block
         assert shared <= set(ids)
         assert all(isinstance(at, torch.Tensor) for at, _, _ in b.reqs)   # gathered per request
-    plan = c.step([1, 1, 1])                          # a decode batch
-    assert plan.prefill is None
-    for b in plan.blocks:
-        if b.packed:
-            ids = b.table.tolist()
-            assert len(ids) == len(set(ids))
-            assert shared <= set(ids)
+    dec = c.step([1, 1, 1]).decode                    # a decode batch
+    assert dec is not None and len(dec.blocks) == 1
+    for b in dec.blocks:
+        ids = b.table.tolist()
+        assert len(ids) == len(set(ids))
+        assert shared <= set(ids)
+        assert b.inverse is not None and len(b.inverse) > len(ids)     # gathered per (request, page) pair
 
 
 @pytest.mark.parametrize("prefill", ["page", "chunk"])
