@@ -8,6 +8,9 @@ raw (bf16) tail, so prefix sharing, cache hits and decode are incremental, as in
     python bench/accuracy.py            # the full study -> bench/results/accuracy.{json,png}
     python bench/accuracy.py --quick    # a small smoke run (written to the temp dir)
     python bench/accuracy.py --resume   # continue an interrupted run from its JSON
+    python bench/accuracy.py --sweep --device cuda --budget-s 500   # the powered design-point study,
+        # cold and warm, most informative points first -> bench/results/accuracy_sweep.{json,png},
+        # accuracy_sweep_needle.png (add --resume to continue it in a later call)
     python bench/accuracy.py --attention backend --device cuda   # oscar-2/-4 (page 64) through the
         # serving backend (CUDA kernels) -> bench/results/accuracy_kernels_h200.json (on an H200),
         # each metric next to the reference row of accuracy.json and the difference
@@ -34,6 +37,7 @@ import os
 import platform
 import random
 import re
+import signal
 import sys
 import tempfile
 import time
@@ -42,6 +46,7 @@ from pathlib import Path
 import torch
 from transformers import AttentionInterface, AutoModelForCausalLM, AutoTokenizer
 
+from sglang_oscar import layout
 from sglang_oscar.config import OscarConfig
 from sglang_oscar.fold import fold_v_rotation
 from sglang_oscar.model import MODEL_NAME, default_model_path
@@ -68,40 +73,55 @@ MIN_WINDOW = 1024  # a document's shorter remainder is dropped
 # ---- the cache: per request, per layer ----------------------------------------------------------
 @dataclasses.dataclass
 class LayerCache:
-    pages: dict | None = None       # packed full pages 0..n-1 (layout.FIELDS, leading page dim)
+    """One layer's KV of a request; a group request (Request(batch=b)) holds b sequences with the
+    same positions, every tensor with a leading dim b (one batched call instead of b)."""
+    pages: dict | None = None       # packed full pages 0..n-1 (layout.FIELDS, page dim after the batch dim)
     raw_k: torch.Tensor | None = None  # raw bf16 keys/values at positions raw_start ...
     raw_v: torch.Tensor | None = None
     raw_start: int = 0
+    sink_k: torch.Tensor | None = None  # cfg.raw_first_page: raw K/V of page 0 (kept once it is packed)
+    sink_v: torch.Tensor | None = None
 
     @property
     def n_pages(self):
-        return 0 if self.pages is None else self.pages["k_norm"].shape[0]
+        return 0 if self.pages is None else self.pages["k_codes"].shape[-5]
 
 
-def slice_pages(pages, n):
-    return None if pages is None or n == 0 else {k: v[:n] for k, v in pages.items()}
+def slice_pages(pages, n, lead=0):
+    return None if pages is None or n == 0 else {k: v.narrow(lead, 0, n) for k, v in pages.items()}
 
 
 class Request:
-    """One sequence's KV state across all layers."""
+    """One sequence's KV state across all layers, or (batch=b) a group of b sequences that share
+    their positions: the passkey trials of one length, the equal-length chat prompts."""
 
-    def __init__(self, n_layers):
+    def __init__(self, n_layers, batch=None):
         self.layers = [LayerCache() for _ in range(n_layers)]
         self.length = 0
+        self.batch = batch
+
+    @property
+    def lead(self):
+        return 0 if self.batch is None else 1
 
     def prefix(self, n_tokens, cfg):
         """A new request holding only what the radix tree would give it: the first n_tokens
         (whole packed pages for quantized methods, raw for bf16). A view: shares tensors."""
-        r = Request(0)
+        r, d = Request(0, self.batch), self.lead
         for lc in self.layers:
             if cfg.quantized:
                 n = n_tokens // cfg.page_size
-                c = LayerCache(slice_pages(lc.pages, n), lc.raw_k[:0], lc.raw_v[:0], n * cfg.page_size)
+                c = LayerCache(slice_pages(lc.pages, n, d), lc.raw_k.narrow(d, 0, 0), lc.raw_v.narrow(d, 0, 0),
+                               n * cfg.page_size, *((lc.sink_k, lc.sink_v) if n else (None, None)))
             else:
-                c = LayerCache(None, lc.raw_k[:n_tokens], lc.raw_v[:n_tokens], 0)
+                c = LayerCache(None, lc.raw_k.narrow(d, 0, n_tokens), lc.raw_v.narrow(d, 0, n_tokens), 0)
             r.layers.append(c)
         r.length = n_tokens - n_tokens % cfg.page_size if cfg.quantized else n_tokens
         return r
+
+
+def n_seqs(req):
+    return getattr(req, "batch", None) or 1
 
 
 @dataclasses.dataclass
@@ -112,6 +132,7 @@ class Step:
     positions: list          # per request: LongTensor [T]
     prefix_lens: list        # per request: tokens already cached (decides qb in "chunk" mode)
     keep_raw: bool = False   # keep raw K/V below the packed boundary (the chunk-mode study)
+    starts: list = None      # per request: its first position as an int (no device sync for the bounds)
     backend: object = None   # --attention backend: the OscarAttnBackend and this forward's fake batch
     batch: object = None
     decode: bool = False     # a decode step (forward_decode), else an extend (forward_extend)
@@ -120,57 +141,76 @@ class Step:
 STEP: Step | None = None
 
 
-def extend(lc: LayerCache, q, k, v, pos, prefix_len, cfg: OscarConfig, scale, keep_raw):
-    """Append this chunk's K/V to one layer's cache, pack its full pages, attend. q [T, Hq, D]."""
+def extend(lc: LayerCache, q, k, v, pos, prefix_len, cfg: OscarConfig, scale, keep_raw, start=None):
+    """Append this chunk's K/V to one layer's cache, pack its full pages, attend. q [T, Hq, D]
+    (a group: [b, T, Hq, D], the cache's tensors with the same leading dim); pos: the consecutive
+    positions start .. start+T-1 (start given: the bounds below need no device sync)."""
+    d = q.dim() - 3  # the token dim
     k, v = k.to(torch.bfloat16), v.to(torch.bfloat16)  # the cache holds the model dtype
-    lc.raw_k = k if lc.raw_k is None else torch.cat([lc.raw_k, k])
-    lc.raw_v = v if lc.raw_v is None else torch.cat([lc.raw_v, v])
-    end = int(pos[-1]) + 1
+    lc.raw_k = k if lc.raw_k is None else torch.cat([lc.raw_k, k], d)
+    lc.raw_v = v if lc.raw_v is None else torch.cat([lc.raw_v, v], d)
+    T = q.shape[d]
+    p0 = int(pos[0]) if start is None else start
+    host_pos = torch.arange(p0, p0 + T)  # the same positions on the host, for the Python-side bounds
+    end = p0 + T
     if not cfg.quantized:
         qb = torch.zeros_like(pos)
     else:
         P = cfg.page_size
         n_old, n_new = lc.n_pages, end // P
         if n_new > n_old:  # pages are packed before attention: later queries of the chunk may read them
-            s = n_old * P - lc.raw_start
-            H, D = k.shape[1:]
-            kk = lc.raw_k[s:s + (n_new - n_old) * P].reshape(n_new - n_old, P, H, D)
-            vv = lc.raw_v[s:s + (n_new - n_old) * P].reshape(n_new - n_old, P, H, D)
+            s, m = n_old * P - lc.raw_start, n_new - n_old
+            H, D = k.shape[-2:]
+            kk = lc.raw_k.narrow(d, s, m * P).reshape(-1, P, H, D)  # a group's pages packed in one call
+            vv = lc.raw_v.narrow(d, s, m * P).reshape(-1, P, H, D)
             new = store_pages(kk, vv, cfg)
-            lc.pages = new if lc.pages is None else {f: torch.cat([lc.pages[f], new[f]]) for f in new}
+            if d:
+                new = {f: x.view(-1, m, *x.shape[1:]) for f, x in new.items()}
+            lc.pages = new if lc.pages is None else {f: torch.cat([lc.pages[f], new[f]], d) for f in new}
+            if cfg.raw_first_page and lc.sink_k is None:  # page 0 was just packed: raw still starts at 0
+                assert lc.raw_start == 0
+                lc.sink_k, lc.sink_v = lc.raw_k.narrow(d, 0, P).clone(), lc.raw_v.narrow(d, 0, P).clone()
         qb = boundaries(pos, prefix_len, cfg)
+    host_qb = boundaries(host_pos, prefix_len, cfg) if cfg.quantized else torch.zeros_like(host_pos)
+    sink = (lc.sink_k, lc.sink_v) if lc.sink_k is not None else None
     outs = []
     # Blocks aligned to absolute positions: a query sees the same call shapes whether its chunk
     # started at 0 or after a cached prefix, so hit and miss differ only where the semantics do.
-    p0 = int(pos[0])
-    cuts = [0] + list(range(BLOCK - p0 % BLOCK, q.shape[0], BLOCK)) + [q.shape[0]]
+    cuts = [0] + list(range(BLOCK - p0 % BLOCK, T, BLOCK)) + [T]
     for a, b in zip(cuts[:-1], cuts[1:]):
         if a == b:
             continue
         qpos, qqb = pos[a:b], qb[a:b]
-        lo, hi = int(qqb.min()), int(qpos.max()) + 1
-        pages = slice_pages(lc.pages, int(qqb.max()) // cfg.page_size) if cfg.quantized else None
-        rk = lc.raw_k[lo - lc.raw_start:hi - lc.raw_start]
-        rv = lc.raw_v[lo - lc.raw_start:hi - lc.raw_start]
-        outs.append(attend(q[a:b], qpos, qqb, pages, rk, rv, lo, cfg, sm_scale=scale))
+        lo, hi = int(host_qb[a:b].min()), p0 + b
+        pages = slice_pages(lc.pages, int(host_qb[a:b].max()) // cfg.page_size, d) if cfg.quantized else None
+        rk = lc.raw_k.narrow(d, lo - lc.raw_start, hi - lo)
+        rv = lc.raw_v.narrow(d, lo - lc.raw_start, hi - lo)
+        outs.append(attend(q.narrow(d, a, b - a), qpos, qqb, pages, rk, rv, lo, cfg, sm_scale=scale, sink=sink))
     if cfg.quantized and not keep_raw:  # the pool keeps only the partial last page raw
         cut = lc.n_pages * cfg.page_size - lc.raw_start
         if cut > 0:
-            lc.raw_k, lc.raw_v, lc.raw_start = lc.raw_k[cut:], lc.raw_v[cut:], lc.raw_start + cut
-    return torch.cat(outs)
+            n = lc.raw_k.shape[d] - cut
+            lc.raw_k, lc.raw_v = lc.raw_k.narrow(d, cut, n), lc.raw_v.narrow(d, cut, n)
+            lc.raw_start += cut
+    return torch.cat(outs, d)
 
 
 def oscar_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """transformers attention function: query [B, Hq, T, D], key/value [B, H, T, D] (post-RoPE)."""
+    """transformers attention function: query [B, Hq, T, D], key/value [B, H, T, D] (post-RoPE); a
+    group request takes as many consecutive rows of the batch as it has sequences."""
     st = STEP
     if st.backend is not None:
         return backend_attention(st, module.layer_idx, query, key, value, scaling)
-    outs = []
-    for i, req in enumerate(st.requests):
+    outs, i = [], 0
+    for j, req in enumerate(st.requests):
         lc = req.layers[module.layer_idx]
-        outs.append(extend(lc, query[i].transpose(0, 1), key[i].transpose(0, 1), value[i].transpose(0, 1),
-                           st.positions[i], st.prefix_lens[i], st.cfg, scaling, st.keep_raw))
-    return torch.stack(outs).to(query.dtype), None
+        if req.batch is None:
+            qkv, i = [x[i].transpose(0, 1) for x in (query, key, value)], i + 1
+        else:
+            qkv, i = [x[i:i + req.batch].transpose(1, 2) for x in (query, key, value)], i + req.batch
+        o = extend(lc, *qkv, st.positions[j], st.prefix_lens[j], st.cfg, scaling, st.keep_raw, st.starts[j])
+        outs.append(o if req.batch else o[None])
+    return torch.cat(outs).to(query.dtype), None
 
 
 AttentionInterface.register(ATTN, oscar_attention)
@@ -304,7 +344,9 @@ class Engine:
         global STEP
         T = len(ids[0])
         pos = [torch.arange(r.length, r.length + T, device=self.device) for r in reqs]
-        STEP = Step(cfg, reqs, pos, prefix_lens or [r.length for r in reqs], keep_raw, decode=decode)
+        assert len(ids) == sum(map(n_seqs, reqs)), "one token list per sequence"
+        STEP = Step(cfg, reqs, pos, prefix_lens or [r.length for r in reqs], keep_raw,
+                    starts=[r.length for r in reqs], decode=decode)
         if self.attention == "backend":
             # The backend takes the cached prefix from seq_lens - extend lengths: only the chunk
             # study's cold-prefill prefix_lens (skipped in this mode) would differ from it.
@@ -318,8 +360,8 @@ class Engine:
             bp.backend.init_forward_metadata(STEP.batch)
         try:
             m = self.model(cfg)
-            out = m.model(input_ids=torch.tensor(ids, device=self.device), position_ids=torch.stack(pos),
-                          use_cache=False)
+            seq_pos = torch.stack([p for r, p in zip(reqs, pos) for _ in range(n_seqs(r))])
+            out = m.model(input_ids=torch.tensor(ids, device=self.device), position_ids=seq_pos, use_cache=False)
         finally:
             STEP = None
         for r in reqs:
@@ -327,8 +369,12 @@ class Engine:
         h = out.last_hidden_state
         return h if hidden else m.lm_head(h[:, -1:]).float()[:, 0]
 
-    def new(self, cfg):
-        return BackendRequest(self.backend_pool(cfg)) if self.attention == "backend" else Request(self.n_layers)
+    def new(self, cfg, batch=None):
+        """A request (batch=b: a group of b sequences with shared positions; reference mode only)."""
+        if self.attention == "backend":
+            assert batch is None, "backend mode runs one sequence per request"
+            return BackendRequest(self.backend_pool(cfg))
+        return Request(self.n_layers, batch)
 
     @torch.no_grad()
     def nll(self, cfg, ids):
@@ -346,11 +392,11 @@ class Engine:
     @torch.no_grad()
     def greedy(self, cfg, reqs, first_logits, n):
         """Greedy decode n tokens for a batch of prefilled requests (one token per step, incremental)."""
-        toks = [[int(l.argmax())] for l in first_logits]
+        toks = [[t] for t in torch.stack(list(first_logits)).argmax(-1).tolist()]  # one sync per step
         for _ in range(n - 1):
             logits = self.forward(cfg, reqs, [[t[-1]] for t in toks], decode=True)
-            for t, l in zip(toks, logits):
-                t.append(int(l.argmax()))
+            for t, nxt in zip(toks, logits.argmax(-1).tolist()):
+                t.append(nxt)
         return toks
 
 
@@ -393,11 +439,14 @@ def passkey_setup(tok, max_len):
     return intro, filler, question
 
 
+CHAT_TASKS = ["Summarize the passage above in two sentences.", "What is the main topic of this text?",
+              "List three obligations that this text describes.", "Explain the passage above to a child.",
+              "Which rights does this text give to the reader?", "Write one question a lawyer might ask about this."]
+
+
 def chat_prompts(tok, docs_text, n, excerpt_tokens):
     """n chat prompts, each a passage from the text plus a task (long enough to fill packed pages)."""
-    tasks = ["Summarize the passage above in two sentences.", "What is the main topic of this text?",
-             "List three obligations that this text describes.", "Explain the passage above to a child.",
-             "Which rights does this text give to the reader?", "Write one question a lawyer might ask about this."]
+    tasks = CHAT_TASKS
     rng = random.Random(0)
     out = []
     for i in range(n):
@@ -409,6 +458,34 @@ def chat_prompts(tok, docs_text, n, excerpt_tokens):
                                        add_generation_prompt=True)
         out.append(tok(text).input_ids)
     return out
+
+
+def chat_prompts_equal(tok, docs_text, n, length):
+    """chat_prompts' passages and tasks as n prompts of exactly `length` tokens, so that they run as
+    one batch: the passage is cut in token space to fill what the template and the task leave."""
+    mark = "\x00PASSAGE\x00"
+    rng = random.Random(0)
+    out = []
+    for i in range(n):
+        name, ids = docs_text[i % len(docs_text)]
+        msg = f"Read this passage:\n\n{mark}\n\n{CHAT_TASKS[i % len(CHAT_TASKS)]}"
+        pre, post = tok.apply_chat_template([{"role": "user", "content": msg}], tokenize=False,
+                                            add_generation_prompt=True).split(mark)
+        head, tail = tok(pre).input_ids, tok(post, add_special_tokens=False).input_ids
+        n_pass = length - len(head) - len(tail)
+        start = rng.randrange(0, max(1, len(ids) - n_pass))
+        out.append(head + ids[start:start + n_pass] + tail)
+        assert len(out[-1]) == length, "document too short for the prompt length"
+    return out
+
+
+def reference_hardware(device):
+    """The JSON's hardware line of a reference-attention run."""
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name()}, torch {torch.__version__}, bf16 weights, reference (torch) " \
+               "attention and quantization"
+    return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores), torch " \
+           f"{torch.__version__}, bf16 weights, reference (torch) kernels"
 
 
 # ---- the study ----------------------------------------------------------------------------------
@@ -441,7 +518,7 @@ class Study:
         tok = self.eng.tok
         self.docs = load_text(tok, args.quick)
         self.lengths = [1024, 2048] if args.quick else [int(x) for x in args.lengths.split(",")]
-        self.trials = 3 if args.quick else args.trials
+        self.trials = 3 if args.quick else args.trials or 20
         self.n_prompts = 4 if args.quick else args.prompts
         self.gen = 16 if args.quick else 64
         self.prompts = chat_prompts(tok, self.docs, self.n_prompts, 256 if args.quick else 640)
@@ -456,8 +533,7 @@ class Study:
         self.keys = {L: [rng.randrange(10000, 100000) for _ in range(self.trials)] for L in self.lengths}
         self.bf16_answers = None
         self.result = {
-            "model": MODEL_NAME, "hardware": f"CPU ({platform.processor() or platform.machine()}, "
-            f"{os.cpu_count()} cores), torch {torch.__version__}, bf16 weights, reference (torch) kernels",
+            "model": MODEL_NAME, "hardware": reference_hardware(self.eng.device),
             "text_source": {"package": "base-files (Debian), /usr/share/common-licenses",
                             "documents": {n: len(ids) for n, ids in self.docs}, "window": WINDOW,
                             "tokens_scored": sum(len(i) - 1 for _, i in self.docs)},
@@ -483,9 +559,6 @@ class Study:
             self.bf16_answers = old["agreement"].get("bf16_tokens")
             self.result["agreement"].update(old["agreement"])
             self.result["elapsed_before_resume_s"] = old.get("elapsed_s", 0) + old.get("elapsed_before_resume_s", 0)
-        if self.eng.device.type == "cuda":
-            self.result["hardware"] = f"{torch.cuda.get_device_name()}, torch {torch.__version__}, bf16 " \
-                                      "weights, reference (torch) attention and quantization"
         if backend:
             self.setup_backend()
         self.result["complete"] = False
@@ -795,6 +868,370 @@ class Study:
                       "half, nats); bf16_control: the same hit vs miss without quantization")
 
 
+# ---- the powered sweep (--sweep) ------------------------------------------------------------------
+# Warm splits are multiples of the largest page size, so every design point caches the same tokens.
+SPLIT = 256
+# The capacity a user pays, counted as the GPU serving study counts it: SGLang's token count at an
+# 8 GiB KV budget with 128 request slots, Llama-3.1-8B shape (32 layers, 8 KV heads, head_dim 128).
+SERVING_SHAPE = {"layers": 32, "kv_heads": 8, "head_dim": 128, "budget_gib": 8, "slots": 128}
+
+
+class OutOfBudget(Exception):
+    pass
+
+
+def point_name(cfg):
+    """A design point's name: bf16, kivi-2/p64/page, oscar-2/p128/chunk/sink/head-norm."""
+    if not cfg.quantized:
+        return "bf16"
+    parts = [cfg.name, f"p{cfg.page_size}", cfg.prefill] + ["sink"] * cfg.raw_first_page
+    return "/".join(parts + ["head-norm"] * (cfg.key_norm == "head"))
+
+
+def sweep_points():
+    """Every design point, most informative first: the controls and the default, then one factor
+    changed at a time, the 4-bit and QuaRot controls, then the rest of the grid by how many factors
+    differ from the default (chunk-prefill combinations first among equals)."""
+    base, rep = OscarConfig(), dataclasses.replace
+    first = [OscarConfig(method="bf16"), OscarConfig(method="kivi"), base]
+    singles = [rep(base, prefill="chunk"), rep(base, page_size=128), rep(base, raw_first_page=True),
+               rep(base, key_norm="head"), rep(base, page_size=256)]
+    controls = [OscarConfig(bits=4), OscarConfig(method="quarot")]
+    grid = [OscarConfig(page_size=P, prefill=pf, raw_first_page=sink, key_norm=norm) for pf in ("chunk", "page")
+            for P in (64, 128, 256) for sink in (False, True) for norm in ("omni", "head")]
+    changed = lambda c: (c.prefill != base.prefill) + (c.page_size != base.page_size) + \
+        (c.raw_first_page != base.raw_first_page) + (c.key_norm != base.key_norm)  # noqa: E731
+    rest = sorted((c for c in grid if c not in first + singles), key=changed)
+    return first + singles + controls + rest
+
+
+def capacity(cfg, kv_heads, head_dim, layers, budget_gib, slots):
+    """Bytes per token per layer and the token capacity at a fixed KV budget, against bf16. The fixed
+    cost is the raw bf16 pages the pool reserves per request slot: its partial last page, and with a
+    raw first page one more (modelled as a second reserved page per slot)."""
+    bf16 = 2 * kv_heads * head_dim * 2
+    if not cfg.quantized:
+        return {"bytes_per_token_layer": bf16, "per_token_ratio": 1.0, "capacity_ratio": 1.0}
+    q = layout.bytes_per_token(kv_heads, head_dim, cfg.bits) + 4 * (kv_heads - 1) * (cfg.key_norm == "head")
+    budget = budget_gib * (1 << 30)
+    fixed = slots * (1 + cfg.raw_first_page) * cfg.page_size * bf16 * layers
+    return {"bytes_per_token_layer": q, "per_token_ratio": round(bf16 / q, 3),
+            "capacity_ratio": round((budget - fixed) / (q * layers) / (budget / (bf16 * layers)), 3)}
+
+
+def binomial(hits):
+    p = sum(hits) / len(hits)
+    return p, math.sqrt(p * (1 - p) / len(hits))
+
+
+def mean_se(xs):
+    """Mean and standard error over independent units (prompts: a prompt's tokens are not independent,
+    every token after a divergence differs)."""
+    m = sum(xs) / len(xs)
+    var = sum((x - m) ** 2 for x in xs) / max(1, len(xs) - 1)
+    return m, math.sqrt(var / len(xs))
+
+
+def per_prompt_agreement(answers, reference):
+    return [sum(a == b for a, b in zip(x, y)) / len(y) for x, y in zip(answers, reference)]
+
+
+class Sweep:
+    """The powered study: every design point through the same harness, cold and warm, in priority order.
+
+    cold: the whole prompt in one request (one prefill chunk). warm: the document in an earlier
+    request, whose whole pages the radix tree keeps (packed as the pool packs them, computed in that
+    request's own forward), then the question in a later request that extends them. Each piece
+    (a point's perplexity, its agreement, its passkey at one length) is saved when it finishes;
+    --budget-s stops before a piece that would not finish in time."""
+
+    def __init__(self, args):
+        self.t0 = time.time()  # the budget counts the model load too
+        self.args = args
+        if args.attention == "backend":
+            raise SystemExit("--sweep runs the reference attention (its design points have no kernels)")
+        if args.plan or args.rows:
+            raise SystemExit("--sweep takes --points, not --plan or --rows")
+        self.eng = eng = Engine(args.model or default_model_path(), args.device)
+        tok, quick = eng.tok, args.quick
+        self.docs = load_text(tok, quick)
+        self.lengths = [512, 1024] if quick else [int(x) for x in args.lengths.split(",")]
+        self.trials = args.trials or (4 if quick else 60)
+        self.gen = 8 if quick else 64
+        self.prompts = chat_prompts_equal(tok, self.docs, 4 if quick else args.prompts, 320 if quick else 700)
+        self.intro, self.filler, self.question = passkey_setup(tok, max(self.lengths))
+        rng = random.Random(1)
+        self.keys = {L: [rng.randrange(10000, 100000) for _ in range(self.trials)] for L in self.lengths}
+        points = sweep_points()
+        if args.points:
+            names = {point_name(c): c for c in points}
+            want = [n.strip() for n in args.points.split(",") if n.strip()]
+            if set(want) - names.keys():
+                raise SystemExit(f"unknown points {sorted(set(want) - names.keys())}; points: {', '.join(names)}")
+            points = [names[n] for n in want]
+        elif quick:
+            points = points[:4]
+        self.points = points
+        cut = (len(self.prompts[0]) - 32) // SPLIT * SPLIT
+        self.result = {
+            "model": MODEL_NAME, "hardware": reference_hardware(eng.device), "sweep": True,
+            "text_source": {"package": "base-files (Debian), /usr/share/common-licenses",
+                            "documents": {n: len(ids) for n, ids in self.docs}, "window": WINDOW,
+                            "tokens_scored": sum(len(i) - 1 for _, i in self.docs)},
+            "ppl": {"cold": "each window prefilled as one chunk, every token scored",
+                    "warm": f"each window's first half (a multiple of {SPLIT} tokens) cached, the rest "
+                            "extended and scored; cold_second_half: the same tokens scored cold"},
+            "passkey": {"lengths": self.lengths, "trials": self.trials, "generated_tokens": 8,
+                        "depths": "trial j of n at depth j / (n - 1)",
+                        "cold": "the whole prompt in one request",
+                        "warm": "the document (everything before the question) in an earlier request, "
+                                "its whole pages cached; the question extends them",
+                        "se": "binomial standard error sqrt(p (1 - p) / n)"},
+            "agreement": {"prompts": len(self.prompts), "prompt_tokens": len(self.prompts[0]),
+                          "generated_tokens": self.gen, "warm_cached_tokens": cut,
+                          "metric": "fraction of identical tokens (position by position) vs bf16 cold; "
+                                    "se over prompts; cold_vs_warm: this point's warm answers vs its cold ones"},
+            "capacity_model": {**SERVING_SHAPE, "note": capacity.__doc__.split(". ", 1)[1].strip()},
+            "radix_granularity": "tokens per shared unit: the page size (plain SGLang bf16: 1)",
+            "batch_tokens": args.batch_tokens, "budget_s": args.budget_s, "quick": bool(quick),
+            "order": [point_name(c) for c in points], "rows": []}
+        default = Path(tempfile.gettempdir()) / "sglang_oscar_accuracy_sweep_quick.json" if quick \
+            else RESULTS / "accuracy_sweep.json"
+        self.path = Path(args.out) if args.out else default
+        if args.resume and self.path.exists():
+            old = json.loads(self.path.read_text())
+            self.result["rows"] = old["rows"]
+            self.result["agreement"]["bf16_tokens"] = old["agreement"].get("bf16_tokens")
+            self.result["elapsed_before_resume_s"] = old.get("elapsed_s", 0) + old.get("elapsed_before_resume_s", 0)
+        # a piece's time estimate: the longest that kind took so far (a resumed run starts from the JSON's)
+        self.est = {}
+        for r in self.result["rows"]:
+            for k, v in r.get("seconds", {}).items():
+                self.est[k] = max(self.est.get(k, 0), v)
+        self.result["complete"] = False
+
+    log = Study.log
+
+    def save(self):
+        self.result["elapsed_s"] = round(time.time() - self.t0)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(self.result, indent=1))
+        os.replace(tmp, self.path)
+
+    def row(self, cfg):
+        name = point_name(cfg)
+        for r in self.result["rows"]:
+            if r["name"] == name:
+                return r
+        hd = self.eng.models[False].config
+        r = {"name": name, "method": cfg.method, "bits": cfg.bits if cfg.quantized else 16,
+             "page_size": cfg.page_size, "prefill": cfg.prefill, "raw_first_page": cfg.raw_first_page,
+             "key_norm": cfg.key_norm, "radix_granularity": cfg.page_size if cfg.quantized else 1,
+             "capacity": capacity(cfg, **SERVING_SHAPE),
+             "per_token_ratio_this_model": capacity(cfg, hd.num_key_value_heads, hd.head_dim, hd.num_hidden_layers,
+                                                    1, 0)["per_token_ratio"]}
+        self.result["rows"].append(r)
+        return r
+
+    def run(self):
+        self.log(f"{self.result['hardware']} -> {self.path}; {len(self.points)} points")
+        try:
+            for cfg in self.points:
+                r = self.row(cfg)
+                self.piece(r, "ppl", lambda: self.ppl(cfg, r))
+                self.piece(r, "agreement", lambda: self.agreement(cfg, r))
+                for L in self.lengths:
+                    self.piece(r, f"passkey-{L}", lambda: self.passkey(cfg, r, L))
+            self.result["complete"] = True
+            self.log("done")
+        except OutOfBudget as e:
+            self.result["stopped"] = str(e)
+            self.log(f"stopped: {e}")
+        finally:  # also on SIGTERM (main turns it into SystemExit): what finished is written and drawn
+            self.save()
+            draw(self.result, self.path)
+            print(sweep_table(self.result))
+
+    def piece(self, r, kind, fn):
+        sec = r.setdefault("seconds", {})
+        if kind in sec:
+            return
+        est = self.est.get(kind, 0)
+        left = self.args.budget_s - (time.time() - self.t0) if self.args.budget_s else math.inf
+        if left <= 0 or est > left:
+            raise OutOfBudget(f"{r['name']} {kind}: about {est:.0f} s needed, {max(0, left):.0f} s of the budget left")
+        t = time.time()
+        fn()
+        sec[kind] = round(time.time() - t, 1)
+        self.est[kind] = max(est, sec[kind])
+        self.log(f"{r['name']} {kind} ({sec[kind]} s)")
+        self.save()
+
+    def groups(self, seqs):
+        """Indices of equal-length sequences in batches of at most --batch-tokens tokens."""
+        by = {}
+        for i, x in enumerate(seqs):
+            by.setdefault(len(x), []).append(i)
+        for n, idx in by.items():
+            b = max(1, self.args.batch_tokens // n)
+            for a in range(0, len(idx), b):
+                yield idx[a:a + b]
+
+    def cached(self, cfg, ids, n):
+        """A group request holding what the radix tree keeps after an earlier request sent the first
+        n tokens of each sequence: their whole pages, computed in that request's own forward."""
+        doc = self.eng.new(cfg, len(ids))
+        self.eng.forward(cfg, [doc], [x[:n] for x in ids])
+        return doc.prefix(n, cfg)
+
+    @torch.no_grad()
+    def ppl(self, cfg, r):
+        eng = self.eng
+        lm = eng.model(cfg).lm_head
+        seqs = [ids for _, ids in self.docs]
+        tot = {"cold": [0.0, 0], "cold_second_half": [0.0, 0], "warm": [0.0, 0]}
+
+        def add(key, h, target):  # summed on the device: no sync until the end
+            h, target = h.flatten(0, 1), target.flatten()
+            for a in range(0, len(target), 2048):  # bounds the logits tensor
+                tot[key][0] += torch.nn.functional.cross_entropy(lm(h[a:a + 2048]).float(), target[a:a + 2048],
+                                                                 reduction="sum").double()
+            tot[key][1] += len(target)
+        for idx in self.groups(seqs):
+            ids = [seqs[i] for i in idx]
+            half = len(ids[0]) // 2 // SPLIT * SPLIT
+            target = torch.tensor(ids, device=eng.device)[:, 1:]
+            h = eng.forward(cfg, [eng.new(cfg, len(ids))], ids, hidden=True)
+            add("cold", h[:, :-1], target)
+            add("cold_second_half", h[:, half:-1], target[:, half:])
+            del h
+            req = self.cached(cfg, ids, half)
+            add("warm", eng.forward(cfg, [req], [x[half:] for x in ids], hidden=True)[:, :-1], target[:, half:])
+        r["ppl"], r["ppl_cold_second_half"], r["ppl_warm"] = (math.exp(float(tot[k][0]) / tot[k][1]) for k in
+                                                              ("cold", "cold_second_half", "warm"))
+        bf16 = next((x for x in self.result["rows"] if x["method"] == "bf16" and "ppl" in x), None)
+        if bf16 is not None:
+            r["dppl"] = r["ppl"] - bf16["ppl"]
+            r["dppl_warm"] = r["ppl_warm"] - bf16["ppl_warm"]
+
+    def generate(self, cfg, warm):
+        """Greedy answers to the chat prompts (one group); warm: all but the last 32+ tokens cached."""
+        eng, out = self.eng, [None] * len(self.prompts)
+        for idx in self.groups(self.prompts):
+            ids = [self.prompts[i] for i in idx]
+            req = self.cached(cfg, ids, self.result["agreement"]["warm_cached_tokens"]) if warm \
+                else eng.new(cfg, len(ids))
+            logits = eng.forward(cfg, [req], [x[req.length:] for x in ids])
+            for i, a in zip(idx, eng.greedy(cfg, [req], logits, self.gen)):
+                out[i] = a
+        return out
+
+    def agreement(self, cfg, r):
+        ag = self.result["agreement"]
+        cold, warm = self.generate(cfg, False), self.generate(cfg, True)
+        if not cfg.quantized and not ag.get("bf16_tokens"):
+            ag["bf16_tokens"] = cold
+        if not ag.get("bf16_tokens"):
+            raise SystemExit("the agreement needs bf16's answers: run the bf16 point first "
+                             "(or --resume a run that has them)")
+        for key, answers, ref in (("agreement", cold, ag["bf16_tokens"]), ("agreement_warm", warm, ag["bf16_tokens"]),
+                                  ("cold_vs_warm", warm, cold)):
+            r[key], r[key + "_se"] = mean_se(per_prompt_agreement(answers, ref))
+        r["cold_vs_warm_identical"] = sum(a == b for a, b in zip(warm, cold)) / len(cold)
+
+    @torch.no_grad()
+    def passkey(self, cfg, r, L):
+        eng = self.eng
+        n = self.trials
+        prompts = [passkey_tokens(eng.tok, L, j / max(1, n - 1), key, self.filler, self.intro, self.question)[0]
+                   for j, key in enumerate(self.keys[L])]
+        hits = {"cold": [0] * n, "warm": [0] * n}
+        for idx in self.groups(prompts):
+            ids = [prompts[i] for i in idx]
+            doc_len = len(ids[0]) - len(self.question)
+            for mode in ("cold", "warm"):
+                req = self.cached(cfg, ids, doc_len) if mode == "warm" else eng.new(cfg, len(ids))
+                logits = eng.forward(cfg, [req], [x[req.length:] for x in ids])
+                for i, out in zip(idx, eng.greedy(cfg, [req], logits, 8)):
+                    hits[mode][i] = int(str(self.keys[L][i]) in eng.tok.decode(out))
+                del req
+        for mode, suffix in (("cold", ""), ("warm", "_warm")):
+            p, se = binomial(hits[mode])
+            r.setdefault("passkey" + suffix, {})[str(L)] = p
+            r.setdefault("passkey" + suffix + "_se", {})[str(L)] = se
+            r.setdefault("passkey_hits", {}).setdefault(mode, {})[str(L)] = hits[mode]
+
+
+def sweep_table(res):
+    """The README's sweep table from a sweep JSON: each cell value ± its standard error."""
+    lengths = [str(L) for L in res["passkey"]["lengths"]]
+    pm = lambda r, k, L=None: "–" if (r.get(k) if L is None else r.get(k, {}).get(L)) is None else \
+        (f"{r[k]:.3f} ± {r[k + '_se']:.3f}" if L is None else f"{r[k][L]:.2f} ± {r[k + '_se'][L]:.2f}")  # noqa: E731
+    f = lambda x, spec: "–" if x is None else format(x, spec)  # noqa: E731
+    head = ["point", "capacity", "radix unit", "Δppl", "Δppl warm"] + \
+        [f"passkey {int(L) // 1024 or L}{'k' if int(L) >= 1024 else ''} cold / warm" for L in lengths] + \
+        ["agreement cold", "agreement warm", "cold vs warm"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in res["rows"]:
+        cells = [r["name"], f"{r['capacity']['capacity_ratio']:.2f}x", str(r["radix_granularity"]),
+                 f(r.get("dppl"), "+.3f"), f(r.get("dppl_warm"), "+.3f")]
+        cells += [f"{pm(r, 'passkey', L)} / {pm(r, 'passkey_warm', L)}" for L in lengths]
+        cells += [pm(r, "agreement"), pm(r, "agreement_warm"), pm(r, "cold_vs_warm")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def needle_heatmap(res, path, bins=10):
+    """Needle in a haystack: accuracy by depth (rows, binned) x length (columns), bf16 vs the default
+    oscar-2 vs kivi-2, cold and warm."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = {r["name"]: r for r in res["rows"] if "passkey_hits" in r}
+    want = [n for n in ("bf16", point_name(OscarConfig()), point_name(OscarConfig(method="kivi"))) if n in rows]
+    if not want:
+        return
+    lengths = [str(L) for L in res["passkey"]["lengths"]]
+    n = res["passkey"]["trials"]
+    bins = min(bins, n)
+    fig, axes = plt.subplots(2, len(want), figsize=(3.6 * len(want) + 1, 7), squeeze=False)
+    for c, name in enumerate(want):
+        for m, mode in enumerate(("cold", "warm")):
+            ax, hits = axes[m][c], rows[name]["passkey_hits"].get(mode, {})
+            grid = torch.full((bins, len(lengths)), float("nan"))
+            for j, L in enumerate(lengths):
+                if L in hits:
+                    for b in range(bins):
+                        cell = [h for i, h in enumerate(hits[L]) if min(bins - 1, i * bins // n) == b]
+                        grid[b, j] = sum(cell) / len(cell)
+            im = ax.imshow(grid.numpy(), vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+            for b in range(bins):
+                for j in range(len(lengths)):
+                    if not math.isnan(grid[b, j]):
+                        ax.text(j, b, f"{grid[b, j]:.1f}", ha="center", va="center", fontsize=7)
+            ax.set_xticks(range(len(lengths)), [f"{int(L) // 1024}k" if int(L) >= 1024 else L for L in lengths])
+            ax.set_yticks(range(bins), [f"{100 * (b + 0.5) / bins:.0f}%" for b in range(bins)])
+            ax.set_title(f"{name} ({mode})", fontsize=9)
+            if c == 0:
+                ax.set_ylabel("needle depth")
+            if m == 1:
+                ax.set_xlabel("prompt length (tokens)")
+    fig.colorbar(im, ax=axes, shrink=0.6, label="passkey accuracy")
+    fig.suptitle(f"{res['model']}: needle in a haystack, {n} trials per length, {res['hardware']}", fontsize=9)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def draw(res, path):
+    """A results JSON's PNGs next to it: the summary plot, and for a sweep the needle heat map."""
+    path = Path(path)
+    plot(res, path.with_suffix(".png"))
+    if res.get("sweep"):
+        needle_heatmap(res, path.with_name(path.stem + "_needle.png"))
+
+
 def device_tag(device):
     """A results file's device suffix: h200 / h100 from the CUDA device's name, else cpu."""
     if device.type != "cuda":
@@ -903,8 +1340,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="small smoke run")
     ap.add_argument("--model", help="HF model directory (default: the embedded SmolLM2-135M-Instruct)")
-    ap.add_argument("--trials", type=int, default=20, help="passkey trials per length (the reference run's "
-                    "20 by default; fewer makes a backend run faster but not like for like)")
+    ap.add_argument("--trials", type=int, help="passkey trials per length (default 20, the reference run's; "
+                    "--sweep 60; fewer makes a backend run faster but not like for like)")
     ap.add_argument("--prompts", type=int, default=20, help="chat prompts for greedy agreement")
     ap.add_argument("--attention", choices=("reference", "backend"), default="reference",
                     help="reference: reference.attend over store_pages (the spec); backend: the serving "
@@ -922,17 +1359,34 @@ def main():
     ap.add_argument("--plan", help="run only these pieces, in order: ppl:NAME, passkey:NAME, study, "
                     "study-passkey (NAME as in the table, e.g. oscar-2/p32); needs --resume for the bf16 answers")
     ap.add_argument("--merge", nargs="+", metavar="JSON", help="merge the rows of partial runs into --out and exit")
+    ap.add_argument("--sweep", action="store_true", help="the powered design-point study, cold and warm "
+                    "(-> bench/results/accuracy_sweep.json, its PNG and _needle.png heat map)")
+    ap.add_argument("--points", help="--sweep: only these design points, in this order (names as in its table)")
+    ap.add_argument("--budget-s", type=float, help="--sweep: start no piece that would end past this many "
+                    "seconds after start-up (each piece's time estimated from the longest of its kind so far)")
+    ap.add_argument("--batch-tokens", type=int, default=131072, help="--sweep: most tokens of equal-length "
+                    "sequences run as one batch (bounds the attention's score tensors)")
+    ap.add_argument("--plot", metavar="JSON", help="draw a results JSON's PNGs (a stopped run's too) and exit")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (1 avoids OpenMP stalls on small shared machines)")
     args = ap.parse_args()
     if args.table:
-        print(table(json.loads(Path(args.table).read_text())))
+        res = json.loads(Path(args.table).read_text())
+        print(sweep_table(res) if res.get("sweep") else table(res))
+        return
+    if args.plot:
+        draw(json.loads(Path(args.plot).read_text()), args.plot)
         return
     if args.merge:
         merge(args.merge, Path(args.out or RESULTS / "accuracy.json"))
         return
     torch.set_num_threads(args.threads)
-    Study(args).run()
+    if args.sweep:
+        # a run stopped from outside (a time limit's SIGTERM) still writes and draws what finished
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+        Sweep(args).run()
+    else:
+        Study(args).run()
 
 
 if __name__ == "__main__":

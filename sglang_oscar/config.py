@@ -14,6 +14,7 @@ import os
 ENV = "SGLANG_OSCAR_CONFIG"
 DEBUG_ENV = "SGLANG_OSCAR_DEBUG"  # "1": /server_info adds per-page digests and a radix tree check
 METHODS = ("bf16", "kivi", "quarot", "oscar")
+KEY_NORMS = ("omni", "head")
 K_GROUP = 32  # tokens per K quantization group (per channel)
 V_GROUP = 32  # channels per V quantization group (per token)
 FORMAT_VERSION = 1  # bump when the packed layout (layout.py) changes
@@ -34,6 +35,11 @@ class OscarConfig:
     # Tensor-parallel degree of attention (set by the launcher from SGLang's --tp-size): a rank's pages
     # hold its share of the KV heads, so pages are shared only between servers of the same degree.
     tp: int = 1
+    # Reference-only design options (the accuracy study's sweep; no kernel or pool implements them,
+    # so the launcher refuses them): keep the first page (attention-sink tokens) raw in bf16, and
+    # the key norm over all KV heads of a token ("omni", OScaR's) or per KV head ("head").
+    raw_first_page: bool = False
+    key_norm: str = "omni"
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -47,6 +53,12 @@ class OscarConfig:
             raise ValueError(f"the tensor-parallel degree must be >= 1, got {self.tp}")
         if self.prefill not in ("page", "chunk"):
             raise ValueError(f"--oscar-prefill must be 'page' or 'chunk', got {self.prefill!r}")
+        if self.key_norm not in KEY_NORMS:
+            raise ValueError(f"key_norm must be one of {KEY_NORMS}, got {self.key_norm!r}")
+        if self.key_norm != "omni" and not self.token_norm:
+            raise ValueError("a per-KV-head key norm needs a token-norm method (oscar)")
+        if self.raw_first_page and not self.quantized:
+            raise ValueError("a raw first page needs a quantized method")
 
     @property
     def quantized(self) -> bool:
@@ -63,6 +75,13 @@ class OscarConfig:
         return self.method == "oscar"
 
     @property
+    def reference_only(self) -> str | None:
+        """The options set here that only the torch reference implements (None when there are none)."""
+        opts = [o for o, on in (("raw first page", self.raw_first_page),
+                                ("per-KV-head key norm", self.key_norm != "omni")) if on]
+        return ", ".join(opts) or None
+
+    @property
     def name(self) -> str:
         return "bf16" if not self.quantized else f"{self.method}-{self.bits}"
 
@@ -71,6 +90,11 @@ class OscarConfig:
         d = dict(method=self.method, bits=self.bits, page=self.page_size, k_group=K_GROUP,
                  v_group=V_GROUP, rotation="sylvester-hadamard" if self.rotate else "none",
                  norm="omni-l2" if self.token_norm else "none", format=FORMAT_VERSION, tp=self.tp)
+        # only where set, so the default configs keep the fingerprints servers already report
+        if self.raw_first_page:
+            d["raw_first_page"] = True
+        if self.key_norm != "omni":
+            d["norm"] = f"{self.key_norm}-l2"
         digest = hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
         return f"{self.name}/p{self.page_size}/{digest}"
 

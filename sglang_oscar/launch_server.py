@@ -148,6 +148,8 @@ def refusal(a: argparse.Namespace, cfg: OscarConfig) -> str | None:
             return msg.replace("{method}", cfg.method)
     if a.page_size is not None and a.page_size != cfg.page_size:
         return f"--page-size {a.page_size} differs from --oscar-page-size {cfg.page_size}"
+    if cfg.reference_only:
+        return f"{cfg.reference_only}: implemented only in the torch reference (bench/accuracy.py), not served"
     return None
 
 

@@ -56,8 +56,13 @@ def token_norm(k_rot: torch.Tensor, sq: torch.Tensor | None = None) -> torch.Ten
 
 def prepare_keys(k: torch.Tensor, cfg: OscarConfig, sq: torch.Tensor | None = None):
     """Raw keys [..., H, D] -> (fp32 keys as quantized, fp32 norms [...]) per the method; sq: the
-    tokens' squared norms over all KV heads where k holds only some of them (see norm_sq)."""
+    tokens' squared norms over all KV heads where k holds only some of them (see norm_sq).
+    With cfg.key_norm == "head" every KV head has its own norm: norms [..., H] (sq is not needed,
+    a rank holds whole heads)."""
     kf = hadamard(k) if cfg.rotate else k.float()
+    if cfg.token_norm and cfg.key_norm == "head":
+        n = token_norm(kf.unsqueeze(-2)).squeeze(-1)  # each head as a one-head token
+        return kf / n[..., None], n
     if cfg.token_norm:
         n = token_norm(kf, sq)
         return kf / n[..., None, None], n
@@ -78,7 +83,7 @@ def store_pages(k: torch.Tensor, v: torch.Tensor, cfg: OscarConfig, sq: torch.Te
     """
     N, P, H, D = k.shape
     bits = cfg.bits
-    kq, norm = prepare_keys(k, cfg, sq)  # [N, P, H, D], [N, P]
+    kq, norm = prepare_keys(k, cfg, sq)  # [N, P, H, D], [N, P] ([N, P, H] per KV head)
     # K: per channel over 32-token groups -> [N, H, G, D, 32]
     kg = kq.view(N, P // K_GROUP, K_GROUP, H, D).permute(0, 3, 1, 4, 2)
     kc, ks, kz = quantize_groups(kg, bits)
@@ -90,7 +95,7 @@ def store_pages(k: torch.Tensor, v: torch.Tensor, cfg: OscarConfig, sq: torch.Te
         "k_scale": ks, "k_zero": kz,                                      # [N, H, G, D]
         "v_codes": layout.pack_codes(vc.reshape(N, H, P, D), bits),       # [N, H, P, D*bits/32]
         "v_scale": vs, "v_zero": vz,                                      # [N, H, P, D/32]
-        "k_norm": norm.float(),                                           # [N, P]
+        "k_norm": norm.float(),                                           # [N, P] or [N, P, H]
     }
 
 
@@ -98,6 +103,7 @@ def load_pages(pages: dict, bits: int):
     """Dequantize packed pages -> (k_hat [N, P, H, D] fp32, norm [N, P] fp32, v [N, P, H, D] fp32).
 
     k_hat is in the quantized (rotated, unit-norm for oscar) space: logits use q_rot . k_hat * norm.
+    A per-KV-head norm comes back as stored, [N, P, H].
     """
     kc = layout.unpack_codes(pages["k_codes"], bits)                   # [N, H, G, D, 32]
     N, H, G, D, _ = kc.shape
@@ -116,5 +122,5 @@ def fake_quantize(k: torch.Tensor, v: torch.Tensor, cfg: OscarConfig):
     For analysis only (the attention path keeps keys in the rotated space and the norm in logits).
     """
     kh, n, vd = load_pages(store_pages(k, v, cfg), cfg.bits)
-    kd = kh * n[..., None, None]
+    kd = kh * (n[..., None] if n.dim() == 3 else n[..., None, None])
     return (hadamard(kd) if cfg.rotate else kd), vd

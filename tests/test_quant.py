@@ -1,6 +1,7 @@
 """The quantization spec (quant.py, layout.py, hadamard.py, reference.py) against independent float64 math."""
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -43,14 +44,19 @@ def f64_quantize(x, bits):
     return codes, s, z, t
 
 
-def f64_store(k, v, method, bits):
-    """Raw K/V [N, P, H, D] -> per-(token, head, channel) float64 codes/scales/zeros, in plain indexing."""
+def f64_store(k, v, method, bits, per_head=False):
+    """Raw K/V [N, P, H, D] -> per-(token, head, channel) float64 codes/scales/zeros, in plain indexing.
+    per_head: oscar's norm taken per KV head (norm [N, P, H]) instead of over all heads ([N, P])."""
     N, P, H, D = k.shape
     kd = k.double()
     if method != "kivi":
         kd = kd @ hadamard_matrix(D)  # H is symmetric: row vector times H == H times column vector
-    n = kd.square().sum((-2, -1)).sqrt() if method == "oscar" else torch.ones(N, P, dtype=torch.float64)
-    kd = kd / n[..., None, None]
+    if per_head:
+        n = kd.square().sum(-1).sqrt()
+        kd = kd / n[..., None]
+    else:
+        n = kd.square().sum((-2, -1)).sqrt() if method == "oscar" else torch.ones(N, P, dtype=torch.float64)
+        kd = kd / n[..., None, None]
     # K: group = 32 consecutive tokens of one channel -> move tokens last
     kg = kd.view(N, P // K_GROUP, K_GROUP, H, D).permute(0, 3, 1, 4, 2)  # [N, H, G, D, 32]
     kc, ks, kz, kt = f64_quantize(kg, bits)
@@ -171,6 +177,31 @@ def test_store_pages_matches_float64(method, bits):
 
 
 @pytest.mark.parametrize("bits", [2, 4])
+def test_store_pages_per_head_norm_matches_float64(bits):
+    """key_norm="head": each KV head of a token is scaled by its own float64 norm (stored [N, P, H]);
+    the codes are those of the per-head-normalized keys; V is untouched by the option."""
+    cfg = OscarConfig(bits=bits, page_size=64, key_norm="head")
+    k, v = imbalanced_kv(2, 64, 3, 64, seed=fresh_seed())
+    k[:, :, 1] *= 30   # one loud head: an omni norm would shrink the other heads' codes' range
+    pages = store_pages(k, v, cfg)
+    ref = f64_store(k, v, "oscar", bits, per_head=True)
+    assert pages["k_norm"].shape == (2, 64, 3)
+    torch.testing.assert_close(pages["k_norm"].double(), ref["norm"], rtol=1e-5, atol=0)
+    x, rc, rs, rz, _ = ref["k"]
+    scale = pages["k_scale"].double()
+    assert ((scale - rs[..., 0]).abs() <= rs[..., 0].abs() * 2 ** -10 + 1e-12).all()
+    codes = torch.stack([extract_bits(pages["k_codes"], j, bits) for j in range(K_GROUP)], -1)
+    assert (codes.double() != rc).double().mean() < 2e-3
+    omni = store_pages(k, v, OscarConfig(bits=bits, page_size=64))
+    for f in ("v_codes", "v_scale", "v_zero"):
+        assert torch.equal(pages[f], omni[f]), f
+    assert not torch.equal(pages["k_codes"], omni["k_codes"])
+    # the round trip is back in the raw key space, norm restored per head
+    kd, _ = fake_quantize(k, v, cfg)
+    assert float((kd.double() - k.double()).norm() / k.double().norm()) < (0.5 if bits == 2 else 0.1)
+
+
+@pytest.mark.parametrize("bits", [2, 4])
 def test_pack_unpack_round_trip_every_code(bits):
     per = 32 // bits
     q = 1 << bits
@@ -278,10 +309,14 @@ def test_attend_without_pages_equals_dense():
     torch.testing.assert_close(out.double(), dense_attention(q, k, v), rtol=0, atol=2e-5)
 
 
+@pytest.mark.parametrize("key_norm", ["omni", "head"])
+@pytest.mark.parametrize("raw_first_page", [False, True])
 @pytest.mark.parametrize("prefill", ["page", "chunk"])
-def test_attend_reads_pages_below_each_boundary(prefill):
-    """attend == float64 attention where keys below qb are the dequantized pages, the rest raw."""
-    cfg = OscarConfig(method="oscar", bits=2, page_size=64, prefill=prefill)
+def test_attend_reads_pages_below_each_boundary(prefill, raw_first_page, key_norm):
+    """attend == float64 attention where keys below qb are the dequantized pages, the rest raw;
+    with raw_first_page the first page's keys are raw wherever they are visible."""
+    cfg = OscarConfig(method="oscar", bits=2, page_size=64, prefill=prefill, raw_first_page=raw_first_page,
+                      key_norm=key_norm)
     k, v = imbalanced_kv(3, 64, 3, 64, seed=21)
     P, H, D = 64, 3, 64
     kf, vf = k.flatten(0, 1), v.flatten(0, 1)
@@ -292,14 +327,40 @@ def test_attend_reads_pages_below_each_boundary(prefill):
     qb = boundaries(pos, prefix, cfg)
     assert torch.equal(qb, (pos // P) * P if prefill == "page" else torch.full_like(pos, 64))
     q = torch.randn(len(pos), 9, D, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
-    out = attend(q, pos, qb, store_pages(k, v, cfg), kf, vf, 0, cfg)
+    sink = (kf[:P], vf[:P]) if raw_first_page else None
+    out = attend(q, pos, qb, store_pages(k, v, cfg), kf, vf, 0, cfg, sink=sink)
     for i in (0, 27, 28, 60, 91):
         n = int(pos[i]) + 1
-        below = torch.arange(n) < qb[i]
+        below = (torch.arange(n) < qb[i]) & ((torch.arange(n) >= P) if raw_first_page else True)
         kk = torch.where(below[:, None, None], kd[:n], kf[:n].double())
         vv = torch.where(below[:, None, None], vd[:n], vf[:n].double())
         want = dense_attention(q[i:i + 1], kk, vv)
         torch.testing.assert_close(out[i:i + 1].double(), want, rtol=0, atol=1e-4)
+    if raw_first_page:   # the sink is read: without it attend refuses, and its raw keys move the output
+        with pytest.raises(ValueError, match="sink"):
+            attend(q, pos, qb, store_pages(k, v, cfg), kf, vf, 0, cfg)
+        packed = attend(q, pos, qb, store_pages(k, v, cfg), kf, vf, 0, dataclasses.replace(cfg, raw_first_page=False))
+        assert (packed - out).abs().max() > 1e-3
+
+
+def test_attend_batched_is_attend_per_sequence():
+    """A leading batch dim (sequences with the same positions and cache shapes) is the same math."""
+    cfg = OscarConfig(method="oscar", bits=2, page_size=64, raw_first_page=True, key_norm="head")
+    g = torch.Generator().manual_seed(fresh_seed())
+    B, P, H, D, n = 3, 64, 3, 64, 3
+    k = torch.randn(B, n * P + 40, H, D, generator=g).to(torch.bfloat16)
+    v = torch.randn(B, n * P + 40, H, D, generator=g).to(torch.bfloat16)
+    pages = store_pages(k[:, :n * P].reshape(B * n, P, H, D), v[:, :n * P].reshape(B * n, P, H, D), cfg)
+    pages = {f: x.view(B, n, *x.shape[1:]) for f, x in pages.items()}
+    pos = torch.arange(150, n * P + 40)
+    qb = boundaries(pos, 150, cfg)
+    q = torch.randn(B, len(pos), 9, D, generator=g).to(torch.bfloat16)
+    lo = int(qb.min())
+    both = attend(q, pos, qb, pages, k[:, lo:], v[:, lo:], lo, cfg, sink=(k[:, :P], v[:, :P]))
+    for b in range(B):
+        one = attend(q[b], pos, qb, {f: x[b] for f, x in pages.items()}, k[b, lo:], v[b, lo:], lo, cfg,
+                     sink=(k[b, :P], v[b, :P]))
+        torch.testing.assert_close(both[b], one, rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("bits", [2, 4])
