@@ -479,6 +479,14 @@ def chat_prompts_equal(tok, docs_text, n, length):
     return out
 
 
+def write_json(path, obj):
+    """Rewrite a result file atomically (a run stopped mid-write leaves the previous one)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
 def reference_hardware(device):
     """The JSON's hardware line of a reference-attention run."""
     if device.type == "cuda":
@@ -625,13 +633,10 @@ class Study:
 
     def save(self):
         path = self.path
-        path.parent.mkdir(parents=True, exist_ok=True)
         self.result["elapsed_s"] = round(time.time() - self.t0)
         if self.eng.attention == "backend":
             self.update_comparison()
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.result, indent=1))
-        os.replace(tmp, path)
+        write_json(path, self.result)
         if self.eng.attention != "backend":  # the plot's Δppl is over a bf16 row, which backend runs lack
             plot(self.result, path.with_suffix(".png"))
 
@@ -1014,10 +1019,7 @@ class Sweep:
 
     def save(self):
         self.result["elapsed_s"] = round(time.time() - self.t0)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.result, indent=1))
-        os.replace(tmp, self.path)
+        write_json(self.path, self.result)
 
     def row(self, cfg):
         name = point_name(cfg)

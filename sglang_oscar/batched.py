@@ -554,6 +554,13 @@ def forward(p: Plan, q, k, v, pages, res_k, res_v, cfg: OscarConfig, sm_scale: f
     return out.reshape(R * E, Hq, D)[p.out_idx]
 
 
+def _merge_(out, lse, o, lse_o):
+    """Merge a partial attention (o, lse_o) into (out, lse) in place by their log-sum-exps."""
+    m = torch.logaddexp(lse, lse_o)
+    out.mul_(torch.exp(lse - m)[..., None]).add_(o * torch.exp(lse_o - m)[..., None])
+    lse.copy_(m)
+
+
 def _attend_decode(d: Decode, q, k, v, pages, res_k, res_v, cfg: OscarConfig, sm_scale: float, store_fn):
     """The decode path (see the module doc): q [B, Hq, D], k/v [B, H, D] -> out [B, Hq, D] fp32.
 
@@ -603,9 +610,10 @@ def _attend_decode(d: Decode, q, k, v, pages, res_k, res_v, cfg: OscarConfig, sm
         if i == 0:
             out, lse = o, l_b
         else:                                 # merged into the requests this block covers
-            m = torch.logaddexp(lse[:, b.sub], l_b)
-            out[:, b.sub] = out[:, b.sub] * torch.exp(lse[:, b.sub] - m)[..., None] + o * torch.exp(l_b - m)[..., None]
-            lse[:, b.sub] = m
+            os_, ls = out[:, b.sub], lse[:, b.sub]   # views for a slice, copies for an index
+            _merge_(os_, ls, o, l_b)
+            if not isinstance(b.sub, slice):
+                out[:, b.sub], lse[:, b.sub] = os_, ls
     return out.transpose(0, 1).reshape(B, Hq, D)
 
 
@@ -658,8 +666,5 @@ def _attend_prefill(p: Plan, q, raw_k, raw_v, pages, cfg: OscarConfig, sm_scale:
                 o, l = _flash(qr, ku[None, :, :L], vu[None, :, :L], scale=sm_scale)
                 o = o[0].view(H, n, g, D).transpose(0, 1)                 # [n, H, g, D]
                 l = l[0].view(H, n, g).transpose(0, 1)
-                os_, ls = out[t0:t1].view(n, H, g, D), lse[t0:t1].view(n, H, g)
-                m = torch.logaddexp(ls, l)
-                os_.mul_(torch.exp(ls - m)[..., None]).add_(o * torch.exp(l - m)[..., None])
-                ls.copy_(m)
+                _merge_(out[t0:t1].view(n, H, g, D), lse[t0:t1].view(n, H, g), o, l)
     return out
