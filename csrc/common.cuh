@@ -78,6 +78,26 @@ __device__ __forceinline__ uint32_t dq_pair(uint32_t r, int q, uint32_t m, uint3
   return *reinterpret_cast<uint32_t*>(&y);
 }
 
+// A pair of codes as fp16 subnormals: `r` holds one BITS-bit code at bit q (< 10) of each 16-bit
+// half; masking it alone leaves exponent 0, i.e. the value c * 2^(q-24), exact (tensor cores keep
+// fp16 subnormals). The caller undoes 2^(q-24) once on the product, so a code costs one LOP3.
+template <int BITS>
+__device__ __forceinline__ uint32_t code_pair(uint32_t r, int q) {
+  constexpr uint32_t m = (1u << BITS) - 1u;
+  return r & ((m << q) | (m << (q + 16)));
+}
+// Bit position of token j (0..3) of a K fragment's byte (2-bit) / half-word (4-bit, tokens 2 and 3
+// after the pair was shifted down by 8) once the pair sits in the low byte of each half.
+template <int BITS>
+__host__ __device__ constexpr int code_pos(int j) {
+  return BITS == 2 ? 2 * j : 4 * (j & 1);
+}
+
+__device__ __forceinline__ uint32_t hmul2_u32(uint32_t a, uint32_t b) {
+  __half2 y = __hmul2(*reinterpret_cast<const __half2*>(&a), *reinterpret_cast<const __half2*>(&b));
+  return *reinterpret_cast<uint32_t*>(&y);
+}
+
 // (s, z) fp16 pairs -> (m, z') with m = s * 2^BITS (exact) and z' = z - m (one fp16 rounding).
 template <int BITS>
 __device__ __forceinline__ void scale_pair(uint32_t s, uint32_t z, uint32_t& m, uint32_t& zp) {
@@ -145,6 +165,15 @@ __device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
       "r"(parity)
       : "memory");
 #endif
+}
+// One plain arrival (release: this thread's earlier shared-memory reads are ordered before it).
+__device__ __forceinline__ void mbar_arrive(uint64_t* bar) {
+  asm volatile(
+      "{\n"
+      ".reg .b64 st;\n"
+      "mbarrier.arrive.shared.b64 st, [%0];\n"
+      "}\n" ::"r"(smem_addr(bar))
+      : "memory");
 }
 #if OSCAR_SM90
 __device__ __forceinline__ void mbar_expect_tx(uint64_t* bar, uint32_t bytes) {

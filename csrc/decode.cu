@@ -49,7 +49,7 @@ struct Geo {
   static constexpr int QR_OFF = Q_OFF + 8 * D * 2;  // raw q [8][D] (model dtype)
   static constexpr int QS_OFF = QR_OFF + 8 * D * 2; // fp32 logit scale per head [8]
   static constexpr int BAR_OFF = QS_OFF + 32;
-  static constexpr int SMEM = BAR_OFF + STAGES * 8;
+  static constexpr int SMEM = BAR_OFF + 2 * STAGES * 8;  // full + empty barrier per slot
   static constexpr int MIN_BLOCKS = BITS == 2 ? 4 : 2;
   static_assert(kWarps * 8 * D * 4 + 2 * kWarps * 8 * 4 <= STAGES * STAGE_B, "merge scratch must fit in the ring");
 };
@@ -126,9 +126,10 @@ __device__ __forceinline__ void p_frags(const float (&S)[2][4], int kk, uint32_t
   pb1 = movmatrix_trans(DT<T>::pack(S[kk][2], S[kk][3]));
 }
 
-// Logits S^T (log2 units) of packed 32-token chunk c (= one K group) of a shared-memory stage.
+// 4-bit logits by widening each code with its channel's scale and zero (one HFMA2 per pair): at
+// 4 bits the folded form below measured slower (its extra zero MMA and shifts outweigh the HFMA2s).
 template <int D, int BITS>
-__device__ __forceinline__ void qk_chunk(const unsigned char* stage, int c, const uint2 (&qa)[D / 16], float qsc0,
+__device__ __forceinline__ void qk_widened(const unsigned char* stage, int c, const uint2 (&qa)[D / 16], float qsc0,
                                          float qsc1, float (&S)[2][4], int gid, int tig) {
   using G = Geo<D, BITS>;
   const unsigned char* st_ = stage;
@@ -173,6 +174,70 @@ __device__ __forceinline__ void qk_chunk(const unsigned char* stage, int c, cons
     S[mt][1] *= nn[2 * mt] * qsc1;
     S[mt][2] *= nn[2 * mt + 1] * qsc0;
     S[mt][3] *= nn[2 * mt + 1] * qsc1;
+  }
+}
+
+// Logits S^T (log2 units) of packed 32-token chunk c (= one K group) of a shared-memory stage.
+// K's per-channel scale and zero come off the per-element path: with k = s*c + z,
+//   q.k = (q*s).c + q.z,
+// so the MMA multiplies the raw codes by q*s (two HMUL2 per 16 channels, once per group) and one more
+// MMA of the zeros against q adds q.z. A code is used where it lies: masked into the low mantissa
+// bits of an fp16 with exponent 0, it is the subnormal c * 2^(q-24), exact, with no offset to remove;
+// 2^(24-q) depends only on the token's row in the fragment, so it is one FFMA on the logit.
+template <int D, int BITS>
+__device__ __forceinline__ void qk_chunk(const unsigned char* stage, int c, const uint2 (&qa)[D / 16], float qsc0,
+                                         float qsc1, float (&S)[2][4], int gid, int tig) {
+  if constexpr (BITS == 4) {
+    qk_widened<D, BITS>(stage, c, qa, qsc0, qsc1, S, gid, tig);
+    return;
+  }
+  using G = Geo<D, BITS>;
+  const unsigned char* st_ = stage;
+  const uint32_t* kc = reinterpret_cast<const uint32_t*>(st_) + c * D * BITS;
+  const __half* ksc = reinterpret_cast<const __half*>(st_ + G::OFF_KS) + c * D;
+  const __half* kzr = reinterpret_cast<const __half*>(st_ + G::OFF_KZ) + c * D;
+  const float* kn = reinterpret_cast<const float*>(st_ + G::OFF_KN) + c * 32;
+
+  // ---- S^T = K Q'^T. Thread (gid, tig) supplies A for tokens 4*gid + j (j = 2*mt + row half) and
+  // channels 16*kt + 4*tig + {0,1 | 2,3}: its 4 tokens sit in one byte (2-bit) / one half-word
+  // (4-bit) of a channel's word; one PRMT puts two channels' bytes in the low bytes of the two
+  // halves, then each token's pair is one LOP3 (4-bit: tokens 2, 3 after one shift of the pair).
+  float Z[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+  for (int mt = 0; mt < 2; ++mt) S[mt][0] = S[mt][1] = S[mt][2] = S[mt][3] = 0.f;
+  const int wi = (gid * BITS) >> 3;
+  const uint32_t sel = (BITS == 2) ? (uint32_t(gid & 3) * 0x0011u + uint32_t(4 + (gid & 3)) * 0x1100u)
+                                   : ((gid & 1) ? 0x7632u : 0x5410u);
+#pragma unroll
+  for (int kt = 0; kt < D / 16; ++kt) {
+    const int d0 = 16 * kt + 4 * tig;
+    const uint2 s4 = *reinterpret_cast<const uint2*>(ksc + d0);
+    const uint2 z4 = *reinterpret_cast<const uint2*>(kzr + d0);
+    const uint32_t qs0 = hmul2_u32(qa[kt].x, s4.x), qs1 = hmul2_u32(qa[kt].y, s4.y);
+    const uint32_t w0 = kc[(d0 + 0) * BITS + wi], w1 = kc[(d0 + 1) * BITS + wi];
+    const uint32_t w2 = kc[(d0 + 2) * BITS + wi], w3 = kc[(d0 + 3) * BITS + wi];
+    const uint32_t r01 = prmt(w0, w1, sel), r23 = prmt(w2, w3, sel);
+#pragma unroll
+    for (int mt = 0; mt < 2; ++mt) {
+      const uint32_t x01 = (BITS == 4 && mt == 1) ? r01 >> 8 : r01;
+      const uint32_t x23 = (BITS == 4 && mt == 1) ? r23 >> 8 : r23;
+      const int q0 = code_pos<BITS>(2 * mt), q1 = code_pos<BITS>(2 * mt + 1);
+      mma_full<__half>(S[mt], code_pair<BITS>(x01, q0), code_pair<BITS>(x01, q1), code_pair<BITS>(x23, q0),
+                       code_pair<BITS>(x23, q1), qs0, qs1);
+    }
+    mma_full<__half>(Z, z4.x, z4.x, z4.y, z4.y, qa[kt].x, qa[kt].y);
+  }
+  // logits: S[mt][0..1] is token 4*gid + 2*mt (code position e0), S[mt][2..3] the next one (e1);
+  // undo the subnormal's 2^(q-24), add q.z, times the token norm.
+  const float4 nv = *reinterpret_cast<const float4*>(kn + 4 * gid);
+  const float nn[4] = {nv.x, nv.y, nv.z, nv.w};
+#pragma unroll
+  for (int mt = 0; mt < 2; ++mt) {
+    const float e0 = exp2f(24 - code_pos<BITS>(2 * mt)), e1 = exp2f(24 - code_pos<BITS>(2 * mt + 1));
+    S[mt][0] = fmaf(S[mt][0], e0, Z[0]) * (nn[2 * mt] * qsc0);
+    S[mt][1] = fmaf(S[mt][1], e0, Z[1]) * (nn[2 * mt] * qsc1);
+    S[mt][2] = fmaf(S[mt][2], e1, Z[0]) * (nn[2 * mt + 1] * qsc0);
+    S[mt][3] = fmaf(S[mt][3], e1, Z[1]) * (nn[2 * mt + 1] * qsc1);
   }
 }
 
@@ -344,6 +409,7 @@ __global__ void __launch_bounds__(kWarps * 32, Geo<D, BITS>::MIN_BLOCKS) decode_
   const int P = p.P, PPS = 256 / P;
   const int nstages = (pg1 - pg0 + PPS - 1) / PPS;
   uint64_t* bars = reinterpret_cast<uint64_t*>(smem + G::BAR_OFF);
+  uint64_t* empty = bars + G::STAGES;
   __half* q_s = reinterpret_cast<__half*>(smem + G::Q_OFF);
   T* qr_s = reinterpret_cast<T*>(smem + G::QR_OFF);
   float* qsc_s = reinterpret_cast<float*>(smem + G::QS_OFF);
@@ -405,7 +471,10 @@ __global__ void __launch_bounds__(kWarps * 32, Geo<D, BITS>::MIN_BLOCKS) decode_
 
   if (tid == 0) {
 #pragma unroll
-    for (int i = 0; i < G::STAGES; ++i) mbar_init(bars + i, OSCAR_SM90 ? 1 : 32);  // expect_tx / 32 lanes' cp.async
+    for (int i = 0; i < G::STAGES; ++i) {
+      mbar_init(bars + i, OSCAR_SM90 ? 1 : 32);  // expect_tx / 32 lanes' cp.async
+      mbar_init(empty + i, kWarps);              // one arrival per consumer warp
+    }
     mbar_fence_init();
   }
   __syncthreads();
@@ -439,8 +508,12 @@ __global__ void __launch_bounds__(kWarps * 32, Geo<D, BITS>::MIN_BLOCKS) decode_
     const int np = min(PPS, pg1 - (pg0 + s * PPS));
     if (warp * 64 < np * P)
       packed_pair<D, BITS>(smem + slot * G::STAGE_B, 2 * warp, warp * 64 + 32 < np * P, qa, qsc0, qsc1, O, st, gid, tig);
-    __syncthreads();  // the slot is free again
+    // Each warp frees the slot on its own "empty" barrier (no CTA barrier): a warp that is done moves
+    // on to the next resident stage; only the producer waits for all four before refilling the slot.
+    __syncwarp();
+    if (lane == 0) mbar_arrive(empty + slot);
     if (warp == 0 && s + G::STAGES < nstages) {
+      mbar_wait(empty + slot, (s / G::STAGES) & 1);
       issue(s + G::STAGES, pid_next);
       pid_next = load_pid(s + G::STAGES + 1);
     }
