@@ -86,12 +86,6 @@ __device__ __forceinline__ uint32_t code_pair(uint32_t r, int q) {
   constexpr uint32_t m = (1u << BITS) - 1u;
   return r & ((m << q) | (m << (q + 16)));
 }
-// Bit position of token j (0..3) of a K fragment's byte (2-bit) / half-word (4-bit, tokens 2 and 3
-// after the pair was shifted down by 8) once the pair sits in the low byte of each half.
-template <int BITS>
-__host__ __device__ constexpr int code_pos(int j) {
-  return BITS == 2 ? 2 * j : 4 * (j & 1);
-}
 
 __device__ __forceinline__ uint32_t hmul2_u32(uint32_t a, uint32_t b) {
   __half2 y = __hmul2(*reinterpret_cast<const __half2*>(&a), *reinterpret_cast<const __half2*>(&b));

@@ -185,12 +185,9 @@ __device__ __forceinline__ void qk_widened(const unsigned char* stage, int c, co
 // bits of an fp16 with exponent 0, it is the subnormal c * 2^(q-24), exact, with no offset to remove;
 // 2^(24-q) depends only on the token's row in the fragment, so it is one FFMA on the logit.
 template <int D, int BITS>
-__device__ __forceinline__ void qk_chunk(const unsigned char* stage, int c, const uint2 (&qa)[D / 16], float qsc0,
-                                         float qsc1, float (&S)[2][4], int gid, int tig) {
-  if constexpr (BITS == 4) {
-    qk_widened<D, BITS>(stage, c, qa, qsc0, qsc1, S, gid, tig);
-    return;
-  }
+__device__ __forceinline__ void qk_folded(const unsigned char* stage, int c, const uint2 (&qa)[D / 16], float qsc0,
+                                          float qsc1, float (&S)[2][4], int gid, int tig) {
+  static_assert(BITS == 2, "4-bit logits take qk_widened");
   using G = Geo<D, BITS>;
   const unsigned char* st_ = stage;
   const uint32_t* kc = reinterpret_cast<const uint32_t*>(st_) + c * D * BITS;
@@ -199,15 +196,13 @@ __device__ __forceinline__ void qk_chunk(const unsigned char* stage, int c, cons
   const float* kn = reinterpret_cast<const float*>(st_ + G::OFF_KN) + c * 32;
 
   // ---- S^T = K Q'^T. Thread (gid, tig) supplies A for tokens 4*gid + j (j = 2*mt + row half) and
-  // channels 16*kt + 4*tig + {0,1 | 2,3}: its 4 tokens sit in one byte (2-bit) / one half-word
-  // (4-bit) of a channel's word; one PRMT puts two channels' bytes in the low bytes of the two
-  // halves, then each token's pair is one LOP3 (4-bit: tokens 2, 3 after one shift of the pair).
+  // channels 16*kt + 4*tig + {0,1 | 2,3}: its 4 tokens sit in one byte of a channel's word; one PRMT
+  // puts two channels' bytes in the low bytes of the two halves, then each token's pair is one LOP3.
   float Z[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
   for (int mt = 0; mt < 2; ++mt) S[mt][0] = S[mt][1] = S[mt][2] = S[mt][3] = 0.f;
   const int wi = (gid * BITS) >> 3;
-  const uint32_t sel = (BITS == 2) ? (uint32_t(gid & 3) * 0x0011u + uint32_t(4 + (gid & 3)) * 0x1100u)
-                                   : ((gid & 1) ? 0x7632u : 0x5410u);
+  const uint32_t sel = uint32_t(gid & 3) * 0x0011u + uint32_t(4 + (gid & 3)) * 0x1100u;
 #pragma unroll
   for (int kt = 0; kt < D / 16; ++kt) {
     const int d0 = 16 * kt + 4 * tig;
@@ -219,11 +214,9 @@ __device__ __forceinline__ void qk_chunk(const unsigned char* stage, int c, cons
     const uint32_t r01 = prmt(w0, w1, sel), r23 = prmt(w2, w3, sel);
 #pragma unroll
     for (int mt = 0; mt < 2; ++mt) {
-      const uint32_t x01 = (BITS == 4 && mt == 1) ? r01 >> 8 : r01;
-      const uint32_t x23 = (BITS == 4 && mt == 1) ? r23 >> 8 : r23;
-      const int q0 = code_pos<BITS>(2 * mt), q1 = code_pos<BITS>(2 * mt + 1);
-      mma_full<__half>(S[mt], code_pair<BITS>(x01, q0), code_pair<BITS>(x01, q1), code_pair<BITS>(x23, q0),
-                       code_pair<BITS>(x23, q1), qs0, qs1);
+      const int q0 = 4 * mt, q1 = 4 * mt + 2;  // token j's code sits at bit 2j of the byte
+      mma_full<__half>(S[mt], code_pair<BITS>(r01, q0), code_pair<BITS>(r01, q1), code_pair<BITS>(r23, q0),
+                       code_pair<BITS>(r23, q1), qs0, qs1);
     }
     mma_full<__half>(Z, z4.x, z4.x, z4.y, z4.y, qa[kt].x, qa[kt].y);
   }
@@ -233,12 +226,19 @@ __device__ __forceinline__ void qk_chunk(const unsigned char* stage, int c, cons
   const float nn[4] = {nv.x, nv.y, nv.z, nv.w};
 #pragma unroll
   for (int mt = 0; mt < 2; ++mt) {
-    const float e0 = exp2f(24 - code_pos<BITS>(2 * mt)), e1 = exp2f(24 - code_pos<BITS>(2 * mt + 1));
+    const float e0 = exp2f(24 - 4 * mt), e1 = exp2f(24 - (4 * mt + 2));
     S[mt][0] = fmaf(S[mt][0], e0, Z[0]) * (nn[2 * mt] * qsc0);
     S[mt][1] = fmaf(S[mt][1], e0, Z[1]) * (nn[2 * mt] * qsc1);
     S[mt][2] = fmaf(S[mt][2], e1, Z[0]) * (nn[2 * mt + 1] * qsc0);
     S[mt][3] = fmaf(S[mt][3], e1, Z[1]) * (nn[2 * mt + 1] * qsc1);
   }
+}
+
+template <int D, int BITS>
+__device__ __forceinline__ void qk_chunk(const unsigned char* stage, int c, const uint2 (&qa)[D / 16], float qsc0,
+                                         float qsc1, float (&S)[2][4], int gid, int tig) {
+  if constexpr (BITS == 2) qk_folded<D, BITS>(stage, c, qa, qsc0, qsc1, S, gid, tig);
+  else qk_widened<D, BITS>(stage, c, qa, qsc0, qsc1, S, gid, tig);
 }
 
 // O^T += V^T P^T for packed chunk c, P = the exp2 weights softmax_step left in S.
