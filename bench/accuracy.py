@@ -502,6 +502,12 @@ def row_key(method, bits, page):
     return f"bf16-{page}" if method == "bf16" else f"{method}-{bits}-{page}"
 
 
+def main_cfg(method, bits, page_size):
+    """A row of the 20-trial study (accuracy.json): measured in page prefill, the default when it ran
+    (the powered sweep, accuracy_sweep.json, compares the prefill modes)."""
+    return OscarConfig(method=method, bits=bits, page_size=page_size, prefill="page")
+
+
 def select_rows(spec, backend):
     """--rows NAME,NAME (row_key names) -> their configs in MAIN_ROWS order; None: the whole study."""
     if spec is None:
@@ -512,7 +518,7 @@ def select_rows(spec, backend):
         raise SystemExit(f"unknown rows {sorted(want - names.keys())}; rows: {', '.join(names)}")
     if backend and "bf16-64" in want:
         raise SystemExit("--attention backend: bf16 has no oscar backend (plain SGLang serves it)")
-    return [OscarConfig(method=m, bits=b, page_size=p) for m, b, p in MAIN_ROWS if row_key(m, b, p) in want]
+    return [main_cfg(m, b, p) for m, b, p in MAIN_ROWS if row_key(m, b, p) in want]
 
 
 class Study:
@@ -774,7 +780,7 @@ class Study:
         if self.rows is not None:
             return self.run_rows(self.rows)
         rows = MAIN_ROWS[:4] if self.args.quick else MAIN_ROWS
-        cfgs = [OscarConfig(method=m, bits=b, page_size=p) for m, b, p in rows]
+        cfgs = [main_cfg(m, b, p) for m, b, p in rows]
         if self.args.plan:
             return self.run_plan(cfgs)
         head, rest = cfgs[:4], cfgs[4:]  # bf16, kivi-2, quarot-2, oscar-2: the headline comparison first
@@ -831,7 +837,7 @@ class Study:
 
     def prefill_study(self, with_passkey=True):
         st = self.result["prefill_study"]
-        main = self.row(OscarConfig(method="oscar", bits=2, page_size=64))  # the "page" default
+        main = self.row(main_cfg("oscar", 2, 64))  # the study's oscar-2 row: page prefill
         ctl = st.setdefault("bf16_control", {})
         if "hit_vs_miss_agreement" not in ctl and self.bf16_answers is not None:
             # Unquantized, a hit differs from a miss only in how the prefix's forward is batched:
@@ -899,7 +905,8 @@ def sweep_points():
     differ from the default (chunk-prefill combinations first among equals)."""
     base, rep = OscarConfig(), dataclasses.replace
     first = [OscarConfig(method="bf16"), OscarConfig(method="kivi"), base]
-    singles = [rep(base, prefill="chunk"), rep(base, page_size=128), rep(base, raw_first_page=True),
+    other = {"page": "chunk", "chunk": "page"}[base.prefill]
+    singles = [rep(base, prefill=other), rep(base, page_size=128), rep(base, raw_first_page=True),
                rep(base, key_norm="head"), rep(base, page_size=256)]
     controls = [OscarConfig(bits=4), OscarConfig(method="quarot")]
     grid = [OscarConfig(page_size=P, prefill=pf, raw_first_page=sink, key_norm=norm) for pf in ("chunk", "page")
@@ -1192,7 +1199,10 @@ def needle_heatmap(res, path, bins=10):
     import matplotlib.pyplot as plt
 
     rows = {r["name"]: r for r in res["rows"] if "passkey_hits" in r}
-    want = [n for n in ("bf16", point_name(OscarConfig()), point_name(OscarConfig(method="kivi"))) if n in rows]
+    # kivi-2 at the default's prefill where it ran, else at the other
+    kivi = [n for pf in (OscarConfig().prefill, "page", "chunk")
+            if (n := point_name(OscarConfig(method="kivi", prefill=pf))) in rows][:1]
+    want = [n for n in ("bf16", point_name(OscarConfig())) if n in rows] + kivi
     if not want:
         return
     lengths = [str(L) for L in res["passkey"]["lengths"]]

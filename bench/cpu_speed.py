@@ -182,6 +182,22 @@ def plot(res, path):
     fig.savefig(path, dpi=120)
 
 
+def cpu_model():
+    """The CPU's model name and its bf16 matmul features (where bf16 GEMMs run fast or slow)."""
+    name, flags = platform.machine() + " CPU", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, val = line.partition(":")
+            if key.strip() == "model name" and name.endswith(" CPU"):
+                name = f"{val.strip()} ({platform.machine()})"
+            elif key.strip() == "flags":
+                flags = set(val.split())
+    except OSError:
+        pass
+    feats = [f for f in ("avx512f", "avx512_bf16", "amx_bf16") if f in flags]
+    return f"{name}, {' '.join(feats) if feats else 'no AVX-512'}"
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--context", type=int, default=1024)
@@ -211,7 +227,8 @@ def main():
         for n, s in servers.items():
             i = s.info()
             res["servers"][n]["info"] = {k: i.get(k) for k in ("attention_backend", "dtype", "page_size",
-                                                              "max_total_num_tokens", "max_running_requests")}
+                                                              "max_total_num_tokens", "max_running_requests",
+                                                              "oscar")}   # oscar: method, bits, page, prefill mode
             s.generate(english_ids(tok, 64, 99), max_new_tokens=4)   # warm-up
         seed = 0
         for _ in range(args.rounds):
@@ -250,7 +267,7 @@ def main():
     res["settings"] = {"context_tokens": args.context, "new_tokens": args.new_tokens, "rounds": args.rounds,
                        "kv_budget_gb": args.budget_gb, "extra_flags": args.extra,
                        "model": Path(info["model_path"]).name,
-                       "hardware": f"{platform.machine()} CPU, {os.cpu_count()} cores (SGLang CPU engine)",
+                       "hardware": f"{cpu_model()}, {os.cpu_count()} cores (SGLang CPU engine)",
                        "note": "shared machine: see loadavg_before/after of each run"}
     res["elapsed_s"] = round(time.time() - t0)
     out = Path(args.out)

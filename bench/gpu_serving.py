@@ -62,7 +62,8 @@ BF16_GPU_BACKEND = "triton"
 INFO_KEYS = {"attention_backend", "decode_attention_backend", "prefill_attention_backend", "page_size",
              "max_running_requests", "max_total_num_tokens", "sampling_backend", "mem_fraction_static",
              "chunked_prefill_size", "kv_cache_dtype", "disable_radix_cache", "schedule_policy", "device", "dtype",
-             "tp_size", "context_length", "disable_cuda_graph", "disable_decode_cuda_graph"}
+             "tp_size", "context_length", "disable_cuda_graph", "disable_decode_cuda_graph",
+             "oscar"}   # the quantization config the server reports (method, bits, page, prefill mode)
 T0 = time.time()
 
 

@@ -126,17 +126,26 @@ __device__ __forceinline__ void p_frags(const float (&S)[2][4], int kk, uint32_t
   pb1 = movmatrix_trans(DT<T>::pack(S[kk][2], S[kk][3]));
 }
 
+// K fields of packed 32-token chunk c (= one K group) of a shared-memory stage.
+template <int D, int BITS>
+struct KChunk {
+  const uint32_t* codes;  // [D][BITS] words: channel d's 32 codes
+  const __half* scale;    // [D] per-channel
+  const __half* zero;     // [D]
+  const float* norm;      // [32] token norms
+  __device__ __forceinline__ KChunk(const unsigned char* stage, int c)
+      : codes(reinterpret_cast<const uint32_t*>(stage) + c * D * BITS),
+        scale(reinterpret_cast<const __half*>(stage + Geo<D, BITS>::OFF_KS) + c * D),
+        zero(reinterpret_cast<const __half*>(stage + Geo<D, BITS>::OFF_KZ) + c * D),
+        norm(reinterpret_cast<const float*>(stage + Geo<D, BITS>::OFF_KN) + c * 32) {}
+};
+
 // 4-bit logits by widening each code with its channel's scale and zero (one HFMA2 per pair): at
 // 4 bits the folded form below measured slower (its extra zero MMA and shifts outweigh the HFMA2s).
 template <int D, int BITS>
 __device__ __forceinline__ void qk_widened(const unsigned char* stage, int c, const uint2 (&qa)[D / 16], float qsc0,
                                          float qsc1, float (&S)[2][4], int gid, int tig) {
-  using G = Geo<D, BITS>;
-  const unsigned char* st_ = stage;
-  const uint32_t* kc = reinterpret_cast<const uint32_t*>(st_) + c * D * BITS;
-  const __half* ksc = reinterpret_cast<const __half*>(st_ + G::OFF_KS) + c * D;
-  const __half* kzr = reinterpret_cast<const __half*>(st_ + G::OFF_KZ) + c * D;
-  const float* kn = reinterpret_cast<const float*>(st_ + G::OFF_KN) + c * 32;
+  const KChunk<D, BITS> k(stage, c);
 
   // ---- S^T = K Q'^T. Thread (gid, tig) supplies A for tokens 4*gid + j (j = 2*mt + row half) and
   // channels 16*kt + 4*tig + {0,1 | 2,3}: its 4 tokens sit in one byte (2-bit) / one half-word
@@ -149,13 +158,13 @@ __device__ __forceinline__ void qk_widened(const unsigned char* stage, int c, co
 #pragma unroll
   for (int kt = 0; kt < D / 16; ++kt) {
     const int d0 = 16 * kt + 4 * tig;
-    const uint2 s4 = *reinterpret_cast<const uint2*>(ksc + d0);
-    const uint2 z4 = *reinterpret_cast<const uint2*>(kzr + d0);
+    const uint2 s4 = *reinterpret_cast<const uint2*>(k.scale + d0);
+    const uint2 z4 = *reinterpret_cast<const uint2*>(k.zero + d0);
     uint32_t m01, z01, m23, z23;
     scale_pair<BITS>(s4.x, z4.x, m01, z01);
     scale_pair<BITS>(s4.y, z4.y, m23, z23);
-    const uint32_t w0 = kc[(d0 + 0) * BITS + wi], w1 = kc[(d0 + 1) * BITS + wi];
-    const uint32_t w2 = kc[(d0 + 2) * BITS + wi], w3 = kc[(d0 + 3) * BITS + wi];
+    const uint32_t w0 = k.codes[(d0 + 0) * BITS + wi], w1 = k.codes[(d0 + 1) * BITS + wi];
+    const uint32_t w2 = k.codes[(d0 + 2) * BITS + wi], w3 = k.codes[(d0 + 3) * BITS + wi];
     const uint32_t r01 = prmt(w0, w1, sel), r23 = prmt(w2, w3, sel);
 #pragma unroll
     for (int mt = 0; mt < 2; ++mt) {
@@ -166,7 +175,7 @@ __device__ __forceinline__ void qk_widened(const unsigned char* stage, int c, co
     }
   }
   // logits: S[mt][0..1] is token 4*gid + 2*mt, S[mt][2..3] the next one; times the token norm.
-  const float4 nv = *reinterpret_cast<const float4*>(kn + 4 * gid);
+  const float4 nv = *reinterpret_cast<const float4*>(k.norm + 4 * gid);
   const float nn[4] = {nv.x, nv.y, nv.z, nv.w};
 #pragma unroll
   for (int mt = 0; mt < 2; ++mt) {
@@ -188,12 +197,7 @@ template <int D, int BITS>
 __device__ __forceinline__ void qk_folded(const unsigned char* stage, int c, const uint2 (&qa)[D / 16], float qsc0,
                                           float qsc1, float (&S)[2][4], int gid, int tig) {
   static_assert(BITS == 2, "4-bit logits take qk_widened");
-  using G = Geo<D, BITS>;
-  const unsigned char* st_ = stage;
-  const uint32_t* kc = reinterpret_cast<const uint32_t*>(st_) + c * D * BITS;
-  const __half* ksc = reinterpret_cast<const __half*>(st_ + G::OFF_KS) + c * D;
-  const __half* kzr = reinterpret_cast<const __half*>(st_ + G::OFF_KZ) + c * D;
-  const float* kn = reinterpret_cast<const float*>(st_ + G::OFF_KN) + c * 32;
+  const KChunk<D, BITS> k(stage, c);
 
   // ---- S^T = K Q'^T. Thread (gid, tig) supplies A for tokens 4*gid + j (j = 2*mt + row half) and
   // channels 16*kt + 4*tig + {0,1 | 2,3}: its 4 tokens sit in one byte of a channel's word; one PRMT
@@ -206,11 +210,11 @@ __device__ __forceinline__ void qk_folded(const unsigned char* stage, int c, con
 #pragma unroll
   for (int kt = 0; kt < D / 16; ++kt) {
     const int d0 = 16 * kt + 4 * tig;
-    const uint2 s4 = *reinterpret_cast<const uint2*>(ksc + d0);
-    const uint2 z4 = *reinterpret_cast<const uint2*>(kzr + d0);
+    const uint2 s4 = *reinterpret_cast<const uint2*>(k.scale + d0);
+    const uint2 z4 = *reinterpret_cast<const uint2*>(k.zero + d0);
     const uint32_t qs0 = hmul2_u32(qa[kt].x, s4.x), qs1 = hmul2_u32(qa[kt].y, s4.y);
-    const uint32_t w0 = kc[(d0 + 0) * BITS + wi], w1 = kc[(d0 + 1) * BITS + wi];
-    const uint32_t w2 = kc[(d0 + 2) * BITS + wi], w3 = kc[(d0 + 3) * BITS + wi];
+    const uint32_t w0 = k.codes[(d0 + 0) * BITS + wi], w1 = k.codes[(d0 + 1) * BITS + wi];
+    const uint32_t w2 = k.codes[(d0 + 2) * BITS + wi], w3 = k.codes[(d0 + 3) * BITS + wi];
     const uint32_t r01 = prmt(w0, w1, sel), r23 = prmt(w2, w3, sel);
 #pragma unroll
     for (int mt = 0; mt < 2; ++mt) {
@@ -222,7 +226,7 @@ __device__ __forceinline__ void qk_folded(const unsigned char* stage, int c, con
   }
   // logits: S[mt][0..1] is token 4*gid + 2*mt (code position e0), S[mt][2..3] the next one (e1);
   // undo the subnormal's 2^(q-24), add q.z, times the token norm.
-  const float4 nv = *reinterpret_cast<const float4*>(kn + 4 * gid);
+  const float4 nv = *reinterpret_cast<const float4*>(k.norm + 4 * gid);
   const float nn[4] = {nv.x, nv.y, nv.z, nv.w};
 #pragma unroll
   for (int mt = 0; mt < 2; ++mt) {

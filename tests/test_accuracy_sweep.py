@@ -70,10 +70,10 @@ def test_a_group_request_computes_what_its_sequences_compute_alone(eng, ids, cfg
 
 def test_sweep_points_most_informative_first_and_each_once():
     names = [A.point_name(c) for c in A.sweep_points()]
-    assert names[:8] == ["bf16", "kivi-2/p64/page", "oscar-2/p64/page", "oscar-2/p64/chunk", "oscar-2/p128/page",
-                         "oscar-2/p64/page/sink", "oscar-2/p64/page/head-norm", "oscar-2/p256/page"]
+    assert names[:8] == ["bf16", "kivi-2/p64/chunk", "oscar-2/p64/chunk", "oscar-2/p64/page", "oscar-2/p128/chunk",
+                         "oscar-2/p64/chunk/sink", "oscar-2/p64/chunk/head-norm", "oscar-2/p256/chunk"]
     assert len(names) == len(set(names)) == 3 + 24 - 1 + 2   # the 24-point grid holds the default
-    assert A.point_name(OscarConfig()) == "oscar-2/p64/page"   # the heat map's "default" follows the config
+    assert A.point_name(OscarConfig()) == "oscar-2/p64/chunk"   # the heat map's "default" follows the config
 
 
 def test_capacity_model_matches_the_serving_count():
@@ -96,7 +96,7 @@ def test_equal_length_prompts_and_the_heat_map(eng, tmp_path):
     # a partial sweep JSON draws its heat map (cells without trials stay blank)
     hits = {"cold": {"512": [1, 0, 1, 1]}, "warm": {"512": [1, 1, 0, 1]}}
     rows = [{"name": n, "method": m, "bits": 2, "page_size": 64, "ppl": 10.0, "passkey": {"512": 0.75},
-             "passkey_hits": hits} for n, m in (("bf16", "bf16"), ("oscar-2/p64/page", "oscar"))]
+             "passkey_hits": hits} for n, m in (("bf16", "bf16"), (A.point_name(OscarConfig()), "oscar"))]
     res = {"model": "m", "hardware": "h", "sweep": True, "rows": rows, "agreement": {"generated_tokens": 8},
            "passkey": {"lengths": [512, 1024], "trials": 4}}
     path = tmp_path / "s.json"

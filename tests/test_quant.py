@@ -277,8 +277,9 @@ def sink_attention_inputs(T, H, g, D, seed, sink_norm=0.2):
 
 
 def _attention_error(method, bits, seed, T=256, P=64, H=3, g=3, D=64):
-    """Relative error of the attention output over packed pages vs float64 dense attention."""
-    cfg = OscarConfig(method=method, bits=bits, page_size=P)
+    """Relative error of the attention output over packed pages vs float64 dense attention (page
+    prefill: every query reads the pages below its own packed, so the quantization is what is measured)."""
+    cfg = OscarConfig(method=method, bits=bits, page_size=P, prefill="page")
     q, k, v = sink_attention_inputs(T, H, g, D, seed)
     want = dense_attention(q, k, v)
     # rotated methods store H v (folded into v_proj); their output is rotated back as o_proj does

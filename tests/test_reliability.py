@@ -41,7 +41,9 @@ def srv(tmp_path_factory):
     # An optimistic admission estimate (SGLang reserves conservativeness x 0.7 x max_new_tokens per
     # running request): prompts are admitted until the pool is full, so decode runs out of pages and
     # SGLang must retract requests (the memory-pressure test asserts that it did).
-    with Server(["--oscar-kv-budget-gb", str(BUDGET_GB), "--enable-cache-report",
+    # Page prefill: the memory-pressure test scores every served token teacher-forced in one cold
+    # request, the computation that produced it only where prefill reads pages as decode does.
+    with Server(["--oscar-kv-budget-gb", str(BUDGET_GB), "--enable-cache-report", "--oscar-prefill", "page",
                  "--max-running-requests", str(MAX_RUNNING), "--schedule-conservativeness", "0.05"],
                 env=CHECK_ENV, log_path=log) as s:
         s.log = log

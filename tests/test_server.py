@@ -29,9 +29,11 @@ PARIS = [{"role": "user", "content": "What is the capital of France? Answer in o
 def oscar(tmp_path_factory):
     # No --model-path: the embedded default model.
     log = tmp_path_factory.mktemp("logs") / "oscar.log"
-    # Small prefill chunks: later chunks of a long prompt attend to pages packed by earlier ones.
+    # Small prefill chunks: later chunks of a long prompt attend to pages packed by earlier ones. Page
+    # prefill: its tests compare the server with in-process runs chunked otherwise, the same computation
+    # only in that mode (the default, chunk prefill, has its own server below).
     with Server([*BUDGET, "--enable-cache-report", "--enable-metrics", "--max-running-requests", "16",
-                 "--chunked-prefill-size", str(2 * PAGE)],
+                 "--chunked-prefill-size", str(2 * PAGE), "--oscar-prefill", "page"],
                 env={DEBUG_ENV: "1"}, log_path=log) as s:
         yield s
 
@@ -318,7 +320,7 @@ def served_ppl(server, ids):
 def test_accuracy_harness_through_the_server_matches_in_process(oscar, default_model_dir, record_property):
     acc = _harness()
     eng = acc.Engine(default_model_dir)
-    cfg = OscarConfig(method="oscar", bits=2, page_size=PAGE)
+    cfg = OscarConfig(method="oscar", bits=2, page_size=PAGE, prefill="page")
     # Three windows of 6+ prefill chunks with a partial last page. One window's INT2 perplexity moves by
     # 1-2 % with bf16 rounding alone (the same semantics chunked differently in process: 12.17 / 12.24 /
     # 12.32 on one window), because codes on a rounding edge flip; over three windows that noise is
@@ -365,13 +367,14 @@ def test_accuracy_harness_through_the_server_matches_in_process(oscar, default_m
 @pytest.fixture(scope="module")
 def oscar_chunk(tmp_path_factory):
     log = tmp_path_factory.mktemp("logs") / "oscar_chunk.log"
-    with Server([*BUDGET, "--oscar-prefill", "chunk", "--enable-cache-report", "--max-running-requests", "4"],
-                log_path=log) as s:
+    # no --oscar-prefill: the default
+    with Server([*BUDGET, "--enable-cache-report", "--max-running-requests", "4"], log_path=log) as s:
         yield s
 
 
 def test_chunk_prefill_attends_in_bf16_within_the_chunk(oscar_chunk, default_model_dir, record_property):
-    # OScaR's chunk prefill: a cold prompt in one chunk attends to itself in bf16 (only the cache it
+    assert oscar_chunk.info()["oscar"]["prefill"] == "chunk"   # OScaR's chunk prefill is the default
+    # A cold prompt in one chunk attends to itself in bf16 (only the cache it
     # leaves is packed), so the served scores match the in-process chunk-mode run, which for one
     # chunk reads no packed page, and not the page-consistent run, which reads earlier pages packed.
     acc = _harness()
