@@ -184,18 +184,14 @@ def plot(res, path):
 
 def cpu_model():
     """The CPU's model name and its bf16 matmul features (where bf16 GEMMs run fast or slow)."""
-    name, flags = platform.machine() + " CPU", set()
+    from serving import cpu_name   # bench/serving.py, beside this script
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, val = line.partition(":")
-            if key.strip() == "model name" and name.endswith(" CPU"):
-                name = f"{val.strip()} ({platform.machine()})"
-            elif key.strip() == "flags":
-                flags = set(val.split())
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
     except OSError:
-        pass
+        flags = []
     feats = [f for f in ("avx512f", "avx512_bf16", "amx_bf16") if f in flags]
-    return f"{name}, {' '.join(feats) if feats else 'no AVX-512'}"
+    return f"{cpu_name()} ({platform.machine()}), {' '.join(feats) if feats else 'no AVX-512'}"
 
 
 def main():

@@ -374,9 +374,9 @@ def oscar_chunk(tmp_path_factory):
 
 def test_chunk_prefill_attends_in_bf16_within_the_chunk(oscar_chunk, default_model_dir, record_property):
     assert oscar_chunk.info()["oscar"]["prefill"] == "chunk"   # OScaR's chunk prefill is the default
-    # A cold prompt in one chunk attends to itself in bf16 (only the cache it
-    # leaves is packed), so the served scores match the in-process chunk-mode run, which for one
-    # chunk reads no packed page, and not the page-consistent run, which reads earlier pages packed.
+    # A cold prompt in one chunk attends to itself in bf16 (only the cache it leaves is packed), so the
+    # served scores match the in-process chunk-mode run, which for one chunk reads no packed page, and
+    # not the page-consistent run, which reads earlier pages packed.
     acc = _harness()
     eng = acc.Engine(default_model_dir)
     ids = english_ids(oscar_chunk, 12 * PAGE + 37, seed=11)  # one prefill chunk, 12 full pages
